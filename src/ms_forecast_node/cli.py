@@ -1,0 +1,185 @@
+"""The ``ms-forecast-node`` command line (typer). Logging is configured here, once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ms_forecast_node import RESEARCH_DISCLAIMER, __version__
+from ms_forecast_node.errors import MSForecastError
+from ms_forecast_node.logging_setup import configure_logging
+
+log = logging.getLogger("ms_forecast_node")
+
+app = typer.Typer(
+    help=f"ms-forecast-node: MS lesion forecasting DICOM node. {RESEARCH_DISCLAIMER}.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+simulate_app = typer.Typer(
+    help="Simulate MS patients on real template anatomy, with counterfactual ground truth.",
+    no_args_is_help=True,
+)
+app.add_typer(simulate_app, name="simulate")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ms-forecast-node {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+    version: Annotated[
+        Optional[bool],  # noqa: UP045 - typer needs Optional on Python 3.10
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = None,
+) -> None:
+    configure_logging(log_level.upper())
+
+
+def _config(grid_mm: float, horizon: float) -> object:
+    from ms_forecast_node.simulate.config import SimulationConfig
+
+    return SimulationConfig(grid_spacing_mm=grid_mm, horizon_weeks=horizon)
+
+
+@simulate_app.command("study")
+def simulate_study(
+    out: Annotated[Path, typer.Option(help="Output folder (DICOM tree, truth, study.json).")],
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same study.")] = 1,
+    index: Annotated[int, typer.Option(help="Patient index within the seed.")] = 0,
+    therapy: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Factual therapy code (default: randomised)."),
+    ] = None,
+    horizon: Annotated[float, typer.Option(help="Weeks between visits (24–96).")] = 48.0,
+    grid_mm: Annotated[float, typer.Option(help="Model grid for the truth (mm).")] = 2.0,
+    protocols: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Protocol YAML (default: dicom_templates/simulator_protocols.yaml)."),
+    ] = None,
+) -> None:
+    """Write a two-visit DICOM study of one simulated patient, plus its ground truth."""
+    from ms_forecast_node.simulate.config import SimulationConfig
+    from ms_forecast_node.simulate.patient import design_patient
+    from ms_forecast_node.simulate.protocols import load_protocols
+    from ms_forecast_node.simulate.study import write_study
+
+    start = time.perf_counter()
+    config = SimulationConfig(grid_spacing_mm=grid_mm, horizon_weeks=horizon)
+    design = design_patient(seed, index, config, factual_therapy=therapy)
+    manifest = write_study(design, out, load_protocols(protocols) if protocols else None)
+    n_files = sum(s["n_files"] for v in manifest["visits"] for s in v["series"])
+    log.info(
+        "wrote %d DICOM files for patient %s (%s, %d NET2 lesions under the factual therapy) "
+        "to %s in %.1f s",
+        n_files,
+        design.patient_id,
+        design.factual_therapy,
+        manifest["truth"]["summary"]["net2_count"][design.factual_therapy],
+        out,
+        time.perf_counter() - start,
+    )
+
+
+@simulate_app.command("cohort")
+def simulate_cohort_cmd(
+    out: Annotated[Path, typer.Option(help="Cohort folder (resumed if it exists).")],
+    n: Annotated[int, typer.Option(help="Number of patients.")] = 4,
+    seed: Annotated[int, typer.Option(help="Cohort seed.")] = 1,
+    grid_mm: Annotated[float, typer.Option(help="Model grid spacing in mm.")] = 2.0,
+    horizon: Annotated[float, typer.Option(help="Weeks between visits (24–96).")] = 48.0,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """Write a cohort in the documented layout (docs/cohort-format.md)."""
+    from ms_forecast_node.simulate.cohort import simulate_cohort
+    from ms_forecast_node.simulate.config import SimulationConfig
+
+    start = time.perf_counter()
+    config = SimulationConfig(grid_spacing_mm=grid_mm, horizon_weeks=horizon)
+    header = simulate_cohort(out, n, seed, config, workers=workers)
+    active = sum(1 for p in header["patients"] if p["net2_count_factual"] > 0)
+    log.info(
+        "cohort of %d patients (%d active under their factual therapy) in %s, %.1f s",
+        n,
+        active,
+        out,
+        time.perf_counter() - start,
+    )
+
+
+@simulate_app.command("preview")
+def simulate_preview(
+    out: Annotated[Path, typer.Option(help="PNG file to write.")],
+    seed: Annotated[int, typer.Option(help="Seed of the patient to draw.")] = 1,
+    index: Annotated[int, typer.Option(help="Patient index within the seed.")] = 0,
+    grid_mm: Annotated[float, typer.Option(help="Render spacing in mm.")] = 1.0,
+    horizon: Annotated[float, typer.Option(help="Weeks between visits (24–96).")] = 48.0,
+) -> None:
+    """Montage: baseline sequences with lesion outlines, follow-up, NET2 per therapy."""
+    from ms_forecast_node.simulate.config import SimulationConfig
+    from ms_forecast_node.simulate.patient import design_patient, render_patient
+    from ms_forecast_node.simulate.preview import write_preview
+
+    config = SimulationConfig(grid_spacing_mm=grid_mm, horizon_weeks=horizon)
+    rendered = render_patient(design_patient(seed, index, config), grid_mm)
+    log.info("preview written to %s", write_preview(rendered, out))
+
+
+@simulate_app.command("calibration")
+def simulate_calibration(
+    n: Annotated[int, typer.Option(help="Latent patients to draw.")] = 20000,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    horizon: Annotated[float, typer.Option(help="Weeks.")] = 48.0,
+) -> None:
+    """Oracle and image-visible AUC of 'any NET2 lesion' for the activity model (JSON)."""
+    from ms_forecast_node.simulate.activity import oracle_activity_auc
+
+    typer.echo(json.dumps(oracle_activity_auc(n, seed, horizon), indent=2))
+
+
+@simulate_app.command("stats")
+def simulate_stats(
+    cohort: Annotated[Path, typer.Argument(help="Cohort folder.")],
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Also write the statistics to this JSON file."),
+    ] = None,
+) -> None:
+    """Cohort statistics: NET2 per therapy, calibration AUCs, lesion load, locations."""
+    from ms_forecast_node.simulate.statistics import cohort_statistics
+
+    stats = cohort_statistics(cohort)
+    text = json.dumps(stats, indent=2)
+    if out is not None:
+        out.write_text(text + "\n", encoding="utf-8")
+    typer.echo(text)
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the demo.")] = Path("var/demo"),
+) -> None:
+    """Simulate one two-visit study and its preview (the main job until the node exists)."""
+    simulate_study(out=out / "study", seed=1)
+    simulate_preview(out=out / "preview.png", seed=1)
+    typer.echo(f"DICOM study: {out / 'study' / 'dicom'}")
+    typer.echo(f"ground truth: {out / 'study' / 'truth'}  manifest: {out / 'study' / 'study.json'}")
+    typer.echo(f"preview: {out / 'preview.png'}")
+
+
+def main() -> None:
+    """Console entry point: typed errors become a one-line message and exit status 2."""
+    try:
+        app()
+    except MSForecastError as exc:
+        logging.getLogger("ms_forecast_node").error("%s", exc)
+        raise SystemExit(2) from exc

@@ -1,0 +1,22 @@
+"""Logging is configured exactly once, by the CLI entry point."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.logging import RichHandler
+
+_CONFIGURED = False
+
+
+def configure_logging(level: str | int = "INFO") -> None:
+    """Install one handler on the root logger; later calls only change the level."""
+    global _CONFIGURED
+    root = logging.getLogger()
+    root.setLevel(level)
+    if _CONFIGURED:
+        return
+    handler = RichHandler(rich_tracebacks=True, show_path=False, markup=False)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    root.addHandler(handler)
+    _CONFIGURED = True
