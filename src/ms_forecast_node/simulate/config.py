@@ -37,6 +37,8 @@ class SimulationConfig:
     shrink_probability: float = 0.15
     new_lesion_volume_median_mm3: float = 45.0
     same_scanner_probability: float = 0.7
+    prodrome_probability: float = 0.6  # share of future new-lesion sites visible at baseline
+    prodrome_strength: float = 0.8  # partial-volume weight of the pre-lesional change
 
     def __post_init__(self) -> None:
         if not 24.0 <= self.horizon_weeks <= 96.0:

@@ -19,7 +19,9 @@ def visit_rng(rendered: RenderedPatient, visit: int, purpose: int = 0) -> np.ran
 
 def visit_fractions(rendered: RenderedPatient, visit: int) -> dict[str, np.ndarray]:
     pv = rendered.baseline_pv if visit == 0 else rendered.followup_pv
-    return lesion_fractions(rendered.anatomy, pv["young"], pv["old"], pv["black_hole"])
+    return lesion_fractions(
+        rendered.anatomy, pv["young"], pv["old"], pv["black_hole"], pv.get("prodrome")
+    )
 
 
 def synthesize_visit(

@@ -51,6 +51,9 @@ class Lesion:
     age: LesionAge
     black_hole: bool
     intended_location: LocationClass
+    # A future lesion whose site already shows a faint T2/FLAIR change at baseline (focal
+    # "pre-lesional" NAWM abnormality, reported to precede new MS lesions by weeks to months).
+    prodrome: bool = False
 
 
 def random_shape(

@@ -24,6 +24,7 @@ TISSUES: dict[str, tuple[float, float, float]] = {
     "lesion_old": (1150.0, 150.0, 0.82),
     "lesion_young": (1250.0, 210.0, 0.88),  # oedema: longer T2, brighter on FLAIR/T2
     "black_hole": (2000.0, 180.0, 0.90),  # chronic lesion with axonal loss: dark on T1
+    "prodrome": (1000.0, 120.0, 0.74),  # pre-lesional NAWM change: faintly T2-hyperintense
 }
 
 # Effective timing used for contrast (the DICOM headers carry the nominal protocol values;
@@ -172,12 +173,16 @@ def lesion_fractions(
     young: np.ndarray,
     old: np.ndarray,
     black_hole: np.ndarray,
+    prodrome: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Tissue fractions with lesions replacing parenchyma (never CSF or scalp)."""
     parenchyma = np.clip(anatomy["gm"] + anatomy["wm"], 0.0, 1.0)
-    lesion = np.clip(young + old + black_hole, 0.0, 1.0)
+    if prodrome is None:
+        prodrome = np.zeros_like(young)
+    lesion = np.clip(young + old + black_hole + prodrome, 0.0, 1.0)
     keep = 1.0 - lesion
     return {
+        "prodrome": prodrome * parenchyma,
         "gm": anatomy["gm"] * keep,
         "wm": anatomy["wm"] * keep,
         "csf": anatomy["csf"],

@@ -304,7 +304,10 @@ def design_patient(
             volume = _lesion_volume(rng_evt, config.new_lesion_volume_median_mm3, 0.7)
             shape = _shape_for(placer, zone, center, volume)
             if placer.try_claim(shape):
-                new_lesions.append(Lesion(next_id, shape, LesionAge.YOUNG, False, zone))
+                prodrome = bool(rng_evt.random() < config.prodrome_probability)
+                new_lesions.append(
+                    Lesion(next_id, shape, LesionAge.YOUNG, False, zone, prodrome=prodrome)
+                )
                 events.append(NET2Event(EventKind.NEW, threshold, next_id))
                 next_id += 1
                 break
@@ -374,6 +377,7 @@ class LesionRecord:
     analytic_volume_mm3: float
     centroid_lps_mm: list[float]
     fate: str  # stable / shrinking / enlarging (factual) / new
+    prodrome_visible: bool  # new lesions: a faint change at the site was visible at baseline
     occurs_under: list[str]  # therapies under which this lesion is new or enlarging
 
 
@@ -428,6 +432,10 @@ def render_patient(design: PatientDesign, spacing_mm: float | None = None) -> Re
     codes = [t.code for t in load_therapies()]
 
     bl_pv, bl_labels = _pv_by_type(list(design.baseline_lesions), grid, {})
+    prodromes = [les for les in design.new_lesions if les.prodrome]
+    prodrome_shapes = {les.lesion_id: les.shape.scaled(0.8) for les in prodromes}
+    prodrome_pv, _ = paint(prodromes, grid, prodrome_shapes)
+    bl_pv["prodrome"] = prodrome_pv * np.float32(design.config.prodrome_strength)
     bl_mask = bl_labels > 0
     net2: dict[str, np.ndarray] = {}
     net2_ids: dict[str, list[int]] = {}
@@ -499,6 +507,7 @@ def render_patient(design: PatientDesign, spacing_mm: float | None = None) -> Re
                 analytic_volume_mm3=round(les.shape.volume_mm3, 3),
                 centroid_lps_mm=[round(float(v), 3) for v in les.shape.center],
                 fate=fate,
+                prodrome_visible=les.prodrome,
                 occurs_under=occurs,
             )
         )

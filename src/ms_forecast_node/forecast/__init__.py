@@ -1,0 +1,1 @@
+"""Treatment-conditioned NET2 forecasting: model, sampling, aggregation, evaluation."""
