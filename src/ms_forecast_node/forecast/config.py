@@ -1,0 +1,121 @@
+"""Model, training and sampling configuration (YAML-loadable, stored inside every checkpoint)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ms_forecast_node.errors import ConfigurationError
+from ms_forecast_node.simulate.therapies import therapy_codes
+
+SEQUENCES = ("FLAIR", "T1", "T2", "PD")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "msfn-net2-diffusion"
+    version: str = "0.1.0"
+    spacing_mm: float = 2.0  # template grid spacing (CPU default); 1.0 for the GPU configuration
+    crop_shape: tuple[int, int, int] = (72, 88, 72)  # k, j, i around the template brain centre
+    therapies: tuple[str, ...] = field(default_factory=therapy_codes)
+    encoder_channels: tuple[int, int, int] = (32, 64, 128)  # at 1/2, 1/4, 1/8 of the grid
+    denoiser_channels: tuple[int, int, int] = (0, 64, 128)  # at 1/4 and 1/8 (first unused)
+    embed_dim: int = 128
+    timesteps: int = 1000
+    deterministic: bool = False  # the non-generative baseline: same network, no noise input
+    horizon_range_weeks: tuple[float, float] = (24.0, 96.0)
+
+    @property
+    def n_image_channels(self) -> int:
+        # four sequences, current lesion mask, prior-visit lesion mask and prior FLAIR
+        return len(SEQUENCES) + 3
+
+    @property
+    def n_flags(self) -> int:
+        # availability of each sequence and of the prior visit, and the prior interval
+        return len(SEQUENCES) + 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 2
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-4
+    condition_dropout: float = 0.1  # therapy -> null token, for classifier-free guidance
+    modality_dropout: float = 0.2  # per optional sequence
+    positive_weight: float = 1.0  # BCE weight of NET2 voxels (1.0 keeps probabilities calibrated)
+    validation_fraction: float = 0.1
+    checkpoint_every: int = 250
+    log_every: int = 25
+    num_threads: int = 0  # 0: torch default
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    method: str = "ddim"  # "ddim" (few-step) or "ddpm" (ancestral over all training steps)
+    steps: int = 8
+    samples: int = 8
+    guidance_scale: float = 1.0  # 1.0: conditional only (no extra unconditional pass)
+    threshold: float = 0.5  # probability threshold of the binary forecast mask
+    min_lesion_voxels: int = 1  # at 2 mm one voxel is 8 mm³ (a 2.5 mm sphere)
+    chunk_size: int = 8  # samples per network call (bounds peak memory)
+    seed: int = 0
+
+
+def _coerce(cls: type, raw: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown keys {unknown}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        values[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from exc
+
+
+def load_configs(path: Path | None) -> tuple[ModelConfig, TrainConfig, SamplerConfig]:
+    """Read ``model:``, ``train:`` and ``sampler:`` sections of a YAML file (all optional)."""
+    if path is None:
+        return ModelConfig(), TrainConfig(), SamplerConfig()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigurationError(f"{path}: expected a mapping")
+    unknown = sorted(set(raw) - {"model", "train", "sampler"})
+    if unknown:
+        raise ConfigurationError(f"{path}: unknown sections {unknown}")
+    return (
+        _coerce(ModelConfig, raw.get("model") or {}, f"{path} model"),
+        _coerce(TrainConfig, raw.get("train") or {}, f"{path} train"),
+        _coerce(SamplerConfig, raw.get("sampler") or {}, f"{path} sampler"),
+    )
+
+
+def config_dict(obj: Any) -> dict[str, Any]:
+    return asdict(obj)
+
+
+def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    return _coerce(ModelConfig, raw, "checkpoint model config")
+
+
+__all__ = [
+    "SEQUENCES",
+    "ModelConfig",
+    "SamplerConfig",
+    "TrainConfig",
+    "config_dict",
+    "load_configs",
+    "model_config_from_dict",
+    "replace",
+]

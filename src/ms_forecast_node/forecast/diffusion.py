@@ -1,0 +1,116 @@
+"""Gaussian diffusion on {-1, +1} masks with an x0-predicting (logit) network.
+
+The network outputs the logit of the clean mask; ``x0_hat = 2·sigmoid(logit) − 1`` is the
+posterior mean of the clean mask in {-1, +1}, which both samplers use:
+
+* :func:`ddim_sample` — deterministic DDIM (η = 0) on an evenly spaced subset of steps;
+* :func:`ddpm_sample` — the reference ancestral sampler over every training step.
+
+Classifier-free guidance mixes conditional and unconditional logits:
+``l = l_uncond + w · (l_cond − l_uncond)`` (w = 1 skips the unconditional pass).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+LogitFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> logit
+
+
+def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal (2021) cosine schedule, ᾱ_t for t = 0..T-1 (float64)."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)
+    f = torch.cos((steps / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    betas = (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class Schedule:
+    def __init__(self, timesteps: int) -> None:
+        self.timesteps = timesteps
+        self.alphas_cumprod = cosine_alphas_cumprod(timesteps)
+
+    def ab(self, t: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod.to(t.device)[t].float()
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        ab = self.ab(t).view(-1, *([1] * (x0.dim() - 1)))
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def x0_from_logit(logit: torch.Tensor) -> torch.Tensor:
+    return 2.0 * torch.sigmoid(logit.float()) - 1.0
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
+    """Evenly spaced, descending, always starting at T-1 and ending at 0."""
+    steps = max(1, min(steps, timesteps))
+    seq = torch.linspace(timesteps - 1, 0, steps).round().long().tolist()
+    return sorted(set(seq), reverse=True)
+
+
+@torch.no_grad()
+def ddim_sample(
+    logit_fn: LogitFn, schedule: Schedule, noise: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Return the final clean-mask logit after a DDIM (η = 0) trajectory from ``noise``."""
+    x = noise
+    seq = ddim_timesteps(schedule.timesteps, steps)
+    logit = torch.zeros_like(noise)
+    for n, t_now in enumerate(seq):
+        t = torch.full((x.shape[0],), t_now, dtype=torch.long, device=x.device)
+        logit = logit_fn(x, t)
+        x0 = x0_from_logit(logit)
+        if n + 1 == len(seq):
+            break
+        ab_now = schedule.alphas_cumprod[t_now].item()
+        ab_next = schedule.alphas_cumprod[seq[n + 1]].item()
+        eps = (x - math.sqrt(ab_now) * x0) / math.sqrt(1 - ab_now)
+        x = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * eps
+    return logit
+
+
+@torch.no_grad()
+def ddpm_sample(
+    logit_fn: LogitFn,
+    schedule: Schedule,
+    noise: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling through every training step; returns the final clean-mask logit."""
+    x = noise
+    ab = schedule.alphas_cumprod
+    logit = torch.zeros_like(noise)
+    for t_now in range(schedule.timesteps - 1, -1, -1):
+        t = torch.full((x.shape[0],), t_now, dtype=torch.long, device=x.device)
+        logit = logit_fn(x, t)
+        if t_now == 0:
+            break
+        x0 = x0_from_logit(logit)
+        ab_t, ab_prev = ab[t_now].item(), ab[t_now - 1].item()
+        alpha_t = ab_t / ab_prev
+        beta_t = 1 - alpha_t
+        # Posterior q(x_{t-1} | x_t, x0) of DDPM (Ho et al. 2020, eq. 6-7).
+        coef_x0 = math.sqrt(ab_prev) * beta_t / (1 - ab_t)
+        coef_xt = math.sqrt(alpha_t) * (1 - ab_prev) / (1 - ab_t)
+        var = beta_t * (1 - ab_prev) / (1 - ab_t)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = coef_x0 * x0 + coef_xt * x + math.sqrt(var) * z
+    return logit
+
+
+def guided(cond: LogitFn, uncond: LogitFn | None, scale: float) -> LogitFn:
+    """Classifier-free guidance on logits (skips the unconditional pass when scale == 1)."""
+    if uncond is None or scale == 1.0:
+        return cond
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        lc = cond(x, t)
+        lu = uncond(x, t)
+        return lu + scale * (lc - lu)
+
+    return fn

@@ -1,0 +1,339 @@
+"""``ms-forecast-node evaluate``: score the forecaster on a held-out simulated cohort.
+
+Methods compared on the same patients:
+
+* ``diffusion`` — the shipped generative model (samples aggregated as in production);
+* ``unet_baseline`` — the deterministic U-Net (probability map, threshold 0.5, components);
+  its activity score is the maximum voxel probability;
+* ``base_rate`` — the population base rate of each therapy arm in the training cohort;
+* ``oracle`` — knows each patient's true expected NET2 count under every therapy
+  (``P(active) = 1 − exp(−μ)``): the ceiling for any image-based forecaster.
+
+Because the simulator knows every counterfactual, predicted counts are also compared with the
+true expected counts under **every** therapy (ranking agreement, average effect vs placebo).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ms_forecast_node.anatomy.locations import LocationClass
+from ms_forecast_node.forecast import metrics as M
+from ms_forecast_node.forecast.checkpoint import load_model, sha256_of
+from ms_forecast_node.forecast.config import SamplerConfig
+from ms_forecast_node.forecast.data import Example, load_examples
+from ms_forecast_node.forecast.model import NET2Forecaster
+from ms_forecast_node.forecast.sampling import (
+    _components,
+    forecast_study,
+    template_location_maps,
+)
+from ms_forecast_node.simulate.cohort import read_cohort
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodPredictions:
+    """Per patient: activity probability and counts under the factual therapy, counts under
+    every therapy, factual masks (when the method makes masks) and counts per location."""
+
+    activity: list[float] = field(default_factory=list)
+    count: list[float] = field(default_factory=list)
+    counterfactual: list[list[float]] = field(default_factory=list)
+    masks: list[np.ndarray | None] = field(default_factory=list)
+    by_location: list[dict[str, float]] = field(default_factory=list)
+
+
+def _deterministic_maps(
+    model: NET2Forecaster, example: Example, therapies: Sequence[str]
+) -> np.ndarray:
+    """(n_therapies, D, H, W) probabilities of the deterministic baseline."""
+    index = {c: i for i, c in enumerate(model.config.therapies)}
+    images = torch.from_numpy(example.study.images[None]).float()
+    flags = torch.from_numpy(example.study.flags[None]).float()
+    with torch.no_grad():
+        enc = model.encoder(images, flags)
+        n = len(therapies)
+        th = torch.tensor([index[t] for t in therapies])
+        t = torch.full((n,), model.config.timesteps - 1)
+        hz = torch.full((n,), example.horizon_weeks)
+        x = torch.zeros((n, 1, *example.study.images.shape[1:]))
+        logit = model.denoiser(x, t, th, hz, enc)
+    return torch.sigmoid(logit[:, 0]).numpy()
+
+
+def _truth(examples: list[Example], therapies: Sequence[str]) -> dict[str, Any]:
+    return {
+        "active": np.array([e.sidecar["truth"]["net2_active"][e.therapy] for e in examples]),
+        "count": np.array([e.sidecar["truth"]["net2_count"][e.therapy] for e in examples]),
+        "expected": np.array(
+            [[e.sidecar["truth"]["expected_net2_count"][t] for t in therapies] for e in examples]
+        ),
+        "counterfactual_count": np.array(
+            [[e.sidecar["truth"]["net2_count"][t] for t in therapies] for e in examples]
+        ),
+        "by_location": [e.sidecar["truth"]["net2_count_by_location"][e.therapy] for e in examples],
+        "therapy": [e.therapy for e in examples],
+    }
+
+
+def _score(
+    name: str,
+    pred: MethodPredictions,
+    truth: dict[str, Any],
+    examples: list[Example],
+    therapies: Sequence[str],
+    figures: Path,
+) -> dict[str, Any]:
+    active = truth["active"].astype(int)
+    prob = np.clip(np.asarray(pred.activity, dtype=float), 0.0, 1.0)
+    counts = np.asarray(pred.count, dtype=float)
+    out: dict[str, Any] = {"activity": M.activity_metrics(prob, active)}
+    out["count"] = M.count_errors(counts, truth["count"])
+    curve = M.reliability_curve(prob, active)
+    M.plot_reliability(curve, figures / f"reliability_{name}.png", f"Activity calibration: {name}")
+    if all(m is not None for m in pred.masks) and pred.masks:
+        dices = [
+            M.dice(m, e.target)
+            for m, e, a in zip(pred.masks, examples, active, strict=True)
+            if a and m is not None
+        ]
+        det = M.pooled_detection(
+            M.lesion_detection(m, e.target)
+            for m, e in zip(pred.masks, examples, strict=True)
+            if m is not None
+        )
+        out["voxel_dice_active_mean"] = float(np.mean(dices)) if dices else float("nan")
+        out["lesion_detection"] = {
+            "precision": det.precision,
+            "recall": det.recall,
+            "f1": det.f1,
+            "n_truth": det.n_truth,
+            "n_pred": det.n_pred,
+        }
+    if pred.by_location:
+        per_class = {}
+        for c in LocationClass:
+            p = np.array([d.get(c.value, 0.0) for d in pred.by_location])
+            t = np.array([d.get(c.value, 0) for d in truth["by_location"]])
+            per_class[c.value] = float(np.mean(np.abs(p - t)))
+        out["location_count_mae"] = per_class
+    cf = np.asarray(pred.counterfactual, dtype=float)
+    if cf.size:
+        expected = truth["expected"]
+        out["counterfactual"] = {
+            "count_mae_vs_expected": float(np.mean(np.abs(cf - expected))),
+            "spearman_vs_expected_pooled": M.count_errors(cf.ravel(), expected.ravel())["spearman"],
+            "ranking_agreement": M.ranking_agreement(cf, expected),
+            "average_effect_predicted": M.average_effect(cf, list(therapies)),
+            "average_effect_true": M.average_effect(expected, list(therapies)),
+        }
+    strata: dict[str, Any] = {}
+    for code in therapies:
+        sel = np.array([th == code for th in truth["therapy"]])
+        if sel.sum() == 0:
+            continue
+        strata[code] = {
+            "n": int(sel.sum()),
+            "active_share": float(active[sel].mean()),
+            "auc": M.rank_auc(prob[sel], active[sel]),
+            "count_mae": float(np.mean(np.abs(counts[sel] - truth["count"][sel]))),
+            "mean_predicted_activity": float(prob[sel].mean()),
+        }
+    out["by_factual_therapy"] = strata
+    return out
+
+
+def evaluate(
+    cohort: Path,
+    model_path: Path,
+    out: Path,
+    sampler: SamplerConfig,
+    baseline_path: Path | None = None,
+    train_cohort: Path | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    model = load_model(model_path)
+    therapies = list(model.config.therapies)
+    examples = load_examples(cohort, model.config, limit=limit)
+    truth = _truth(examples, therapies)
+    preds: dict[str, MethodPredictions] = {"diffusion": MethodPredictions()}
+    start = time.perf_counter()
+    for e in tqdm(examples, desc="forecasting held-out patients", unit="patient"):
+        result = forecast_study(model, e.study, therapies, e.horizon_weeks, sampler)
+        f = result.therapies[e.therapy]
+        p = preds["diffusion"]
+        p.activity.append(f.probability_of_activity)
+        p.count.append(f.expected_count)
+        p.counterfactual.append([result.therapies[t].expected_count for t in therapies])
+        p.masks.append(f.mask)
+        p.by_location.append({k.value: v for k, v in f.expected_counts_by_location().items()})
+    diffusion_s = time.perf_counter() - start
+    if baseline_path is not None:
+        baseline = load_model(baseline_path)
+        maps = template_location_maps(baseline.config.spacing_mm, baseline.config.crop_shape)
+        from ms_forecast_node.anatomy.locations import classify_lesions
+
+        b = preds["unet_baseline"] = MethodPredictions()
+        for e in tqdm(examples, desc="baseline U-Net", unit="patient"):
+            probs = _deterministic_maps(baseline, e, therapies)
+            cf = []
+            for i, t in enumerate(therapies):
+                labels, n = _components(probs[i] >= sampler.threshold, sampler.min_lesion_voxels)
+                cf.append(float(n))
+                if t == e.therapy:
+                    b.activity.append(float(probs[i].max()))
+                    b.count.append(float(n))
+                    b.masks.append(labels > 0)
+                    classes = classify_lesions(labels, maps) if n else {}
+                    b.by_location.append(
+                        {
+                            c.value: float(sum(v is c for v in classes.values()))
+                            for c in LocationClass
+                        }
+                    )
+            b.counterfactual.append(cf)
+    if train_cohort is not None:
+        header, _ = read_cohort(train_cohort)
+        rows = header["patients"]
+        rate = {
+            t: [r["net2_count_factual"] for r in rows if r["factual_therapy"] == t]
+            for t in therapies
+        }
+        share = {t: float(np.mean(np.asarray(v) > 0)) if v else 0.0 for t, v in rate.items()}
+        mean = {t: float(np.mean(v)) if v else 0.0 for t, v in rate.items()}
+        br = preds["base_rate"] = MethodPredictions()
+        for e in examples:
+            br.activity.append(share[e.therapy])
+            br.count.append(mean[e.therapy])
+            br.counterfactual.append([mean[t] for t in therapies])
+    oracle = preds["oracle"] = MethodPredictions()
+    for row, e in zip(truth["expected"], examples, strict=True):
+        mu = dict(zip(therapies, row, strict=True))[e.therapy]
+        oracle.activity.append(float(1.0 - np.exp(-mu)))
+        oracle.count.append(float(mu))
+        oracle.counterfactual.append([float(v) for v in row])
+    report = {
+        "cohort": str(cohort),
+        "n_patients": len(examples),
+        "model": {
+            "path": str(model_path),
+            "sha256": sha256_of(model_path),
+            "name": model.config.name,
+            "version": model.config.version,
+        },
+        "sampler": asdict(sampler),
+        "diffusion_forecast_seconds_per_patient": diffusion_s / max(1, len(examples)),
+        "methods": {
+            name: _score(name, p, truth, examples, therapies, figures) for name, p in preds.items()
+        },
+    }
+    _counterfactual_figure(preds, truth, therapies, figures / "counterfactual_counts.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _counterfactual_figure(
+    preds: dict[str, MethodPredictions],
+    truth: dict[str, Any],
+    therapies: Sequence[str],
+    path: Path,
+) -> None:
+    names = [n for n in preds if preds[n].counterfactual]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        cf = np.asarray(preds[name].counterfactual)
+        for i, t in enumerate(therapies):
+            ax.scatter(truth["expected"][:, i], cf[:, i], s=6, label=t)
+        hi = max(1.0, float(truth["expected"].max()))
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("true expected NET2 count")
+        ax.set_ylabel("predicted count")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if np.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    methods = report["methods"]
+    lines = [
+        "# Held-out evaluation — RESEARCH FORECAST, NOT FOR DIAGNOSTIC USE",
+        "",
+        f"Cohort `{report['cohort']}` ({report['n_patients']} simulated patients); model "
+        f"`{report['model']['name']}` {report['model']['version']} "
+        f"(sha256 `{report['model']['sha256'][:16]}…`); sampler {report['sampler']['method']} "
+        f"{report['sampler']['steps']} steps × {report['sampler']['samples']} samples.",
+        "",
+        "| method | activity AUC | ECE | accuracy | count MAE | count Spearman | Dice (active) "
+        "| lesion F1 | ranking agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    _fmt(m["activity"]["auc"]),
+                    _fmt(m["activity"]["ece"]),
+                    _fmt(m["activity"]["accuracy"]),
+                    _fmt(m["count"]["mae"]),
+                    _fmt(m["count"]["spearman"]),
+                    _fmt(m.get("voxel_dice_active_mean", float("nan"))),
+                    _fmt(m.get("lesion_detection", {}).get("f1", float("nan"))),
+                    _fmt(m.get("counterfactual", {}).get("ranking_agreement", float("nan"))),
+                ]
+            )
+            + " |"
+        )
+    lines += ["", "## Average effect against placebo (relative reduction of NET2 count)", ""]
+    header = "| therapy | true | " + " | ".join(methods) + " |"
+    lines += [header, "|" + "---|" * (len(methods) + 2)]
+    some = next(iter(methods.values()))
+    true_eff = some.get("counterfactual", {}).get("average_effect_true", {})
+    for t in true_eff:
+        row = [t, _fmt(true_eff[t]["relative_reduction"])]
+        for m in methods.values():
+            pe = m.get("counterfactual", {}).get("average_effect_predicted", {}).get(t)
+            row.append(_fmt(pe["relative_reduction"]) if pe else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Stratified by factual therapy (diffusion)", ""]
+    lines += ["| therapy | n | active share | AUC | count MAE |", "|---|---|---|---|---|"]
+    for t, s in methods["diffusion"]["by_factual_therapy"].items():
+        lines.append(
+            f"| {t} | {s['n']} | {_fmt(s['active_share'])} | {_fmt(s['auc'])} "
+            f"| {_fmt(s['count_mae'])} |"
+        )
+    lines += [
+        "",
+        "Figures: `figures/reliability_<method>.png`, `figures/counterfactual_counts.png`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""The typed forecast result that the reporting code consumes (no DICOM, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ms_forecast_node import RESEARCH_DISCLAIMER
+from ms_forecast_node.anatomy.locations import LocationClass
+from ms_forecast_node.image.geometry import Grid
+
+
+@dataclass(frozen=True)
+class ForecastLesion:
+    """A connected component of a therapy's binary forecast mask."""
+
+    label: int
+    volume_mm3: float
+    centroid_lps_mm: tuple[float, float, float]
+    location: LocationClass
+    mean_probability: float
+
+
+@dataclass(frozen=True)
+class TherapyForecast:
+    therapy: str
+    probability: np.ndarray  # (D, H, W) share of samples in which the voxel is NET2
+    mask: np.ndarray  # bool, probability >= threshold
+    uncertainty: np.ndarray  # per-voxel std of the sample masks, sqrt(p (1 - p))
+    sample_counts: tuple[int, ...]  # NET2 lesions (components >= min size) per sample
+    sample_volumes_mm3: tuple[float, ...]
+    sample_counts_by_location: dict[LocationClass, tuple[int, ...]]
+    lesions: tuple[ForecastLesion, ...]
+
+    @property
+    def expected_count(self) -> float:
+        return float(np.mean(self.sample_counts))
+
+    @property
+    def count_median(self) -> float:
+        return float(np.median(self.sample_counts))
+
+    @property
+    def count_interval_90(self) -> tuple[float, float]:
+        lo, hi = np.percentile(self.sample_counts, [5, 95])
+        return float(lo), float(hi)
+
+    @property
+    def probability_of_activity(self) -> float:
+        """Share of samples with at least one NET2 lesion above the minimum size."""
+        return float(np.mean(np.asarray(self.sample_counts) > 0))
+
+    @property
+    def volume_mm3_mean(self) -> float:
+        return float(np.mean(self.sample_volumes_mm3))
+
+    @property
+    def volume_interval_90(self) -> tuple[float, float]:
+        lo, hi = np.percentile(self.sample_volumes_mm3, [5, 95])
+        return float(lo), float(hi)
+
+    def expected_counts_by_location(self) -> dict[LocationClass, float]:
+        return {k: float(np.mean(v)) for k, v in self.sample_counts_by_location.items()}
+
+
+@dataclass(frozen=True)
+class ForecastResult:
+    """Forecasts of one study under every requested therapy, on the model grid."""
+
+    model_name: str
+    model_version: str
+    model_sha256: str | None
+    grid: Grid
+    horizon_weeks: float
+    sampler: dict[str, object]
+    therapies: dict[str, TherapyForecast]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    disclaimer: str = RESEARCH_DISCLAIMER
+
+    def ranked(self) -> list[TherapyForecast]:
+        """Therapies from the fewest to the most expected NET2 lesions."""
+        return sorted(self.therapies.values(), key=lambda f: (f.expected_count, f.therapy))

@@ -1,0 +1,200 @@
+"""Forecast a study under every therapy: encode once, sample all therapies × samples batched.
+
+* The study is encoded **once**; the denoiser reuses the projected features for every therapy,
+  sample and step.
+* Sample *s* starts from the same initial noise under every therapy (common random numbers),
+  so differences between therapies come from the condition, not from the draw.
+* Aggregation per therapy: voxel probability (share of samples), binary mask (threshold),
+  per-voxel uncertainty, lesion-count distribution from per-sample connected components,
+  probability of activity, volumes and counts per location class.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ms_forecast_node.anatomy.locations import LocationClass, LocationMaps, classify_lesions
+from ms_forecast_node.anatomy.template import load_template_anatomy
+from ms_forecast_node.forecast.config import SamplerConfig
+from ms_forecast_node.forecast.data import StudyTensors, model_grid
+from ms_forecast_node.forecast.diffusion import Schedule, ddim_sample, ddpm_sample, guided
+from ms_forecast_node.forecast.model import EncodedStudy, NET2Forecaster
+from ms_forecast_node.forecast.result import ForecastLesion, ForecastResult, TherapyForecast
+
+STRUCTURE = np.ones((3, 3, 3), dtype=bool)
+
+
+def template_location_maps(spacing_mm: float, crop_shape: tuple[int, int, int]) -> LocationMaps:
+    anatomy = load_template_anatomy(spacing_mm)
+    grid, slices = model_grid(spacing_mm, crop_shape)
+    return LocationMaps(
+        grid,
+        anatomy.dist_ventricles_mm[slices],
+        anatomy.dist_cortex_mm[slices],
+        anatomy.infratentorial[slices],
+    )
+
+
+def _autocast(device: torch.device) -> torch.autocast | torch.no_grad:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.no_grad()
+
+
+def sample_masks(
+    model: NET2Forecaster,
+    study: StudyTensors,
+    therapies: Sequence[str],
+    horizon_weeks: float,
+    config: SamplerConfig,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Binary sample masks, shape (n_therapies, n_samples, D, H, W), and stage timings."""
+    device = device or next(model.parameters()).device
+    index = {c: i for i, c in enumerate(model.config.therapies)}
+    unknown = [t for t in therapies if t not in index]
+    if unknown:
+        raise ValueError(f"therapies {unknown} unknown to model {model.config.name}")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    images = torch.from_numpy(study.images[None]).float().to(device)
+    flags = torch.from_numpy(study.flags[None]).float().to(device)
+    with torch.no_grad(), _autocast(device):
+        encoded: EncodedStudy = model.encoder(images, flags)
+    timings["encode_s"] = time.perf_counter() - start
+    shape = study.images.shape[1:]
+    n_t, n_s = len(therapies), config.samples
+    generator = torch.Generator().manual_seed(config.seed)
+    # Common random numbers: sample s starts from the same noise under every therapy.
+    noise = torch.randn((n_s, 1, *shape), generator=generator)
+    pairs = [(t, s) for t in range(n_t) for s in range(n_s)]
+    out = np.zeros((n_t, n_s, *shape), dtype=bool)
+    schedule = Schedule(model.config.timesteps)
+    start = time.perf_counter()
+    for first in range(0, len(pairs), max(1, config.chunk_size)):
+        chunk = pairs[first : first + config.chunk_size]
+        th = torch.tensor([index[therapies[t]] for t, _ in chunk], device=device)
+        null = torch.full_like(th, model.denoiser.null_therapy)
+        hz = torch.full((len(chunk),), float(horizon_weeks), device=device)
+        x_init = torch.cat([noise[s : s + 1] for _, s in chunk]).to(device)
+
+        def cond(
+            x: torch.Tensor, t: torch.Tensor, th: torch.Tensor = th, hz: torch.Tensor = hz
+        ) -> torch.Tensor:
+            with _autocast(device):
+                return model.denoiser(x, t, th, hz, encoded).float()
+
+        def uncond(
+            x: torch.Tensor, t: torch.Tensor, null: torch.Tensor = null, hz: torch.Tensor = hz
+        ) -> torch.Tensor:
+            with _autocast(device):
+                return model.denoiser(x, t, null, hz, encoded).float()
+
+        fn = guided(cond, uncond, config.guidance_scale)
+        with torch.no_grad():
+            if model.config.deterministic:
+                t_last = torch.full((len(chunk),), model.config.timesteps - 1, device=device)
+                logit = fn(torch.zeros_like(x_init), t_last)
+                masks = torch.sigmoid(logit) >= config.threshold
+            elif config.method == "ddpm":
+                gen = torch.Generator(device=device).manual_seed(config.seed + first)
+                masks = ddpm_sample(fn, schedule, x_init, generator=gen) > 0
+            else:
+                masks = ddim_sample(fn, schedule, x_init, config.steps) > 0
+        for (t, s), m in zip(chunk, masks[:, 0].cpu().numpy(), strict=True):
+            out[t, s] = m
+    timings["sample_s"] = time.perf_counter() - start
+    return out, timings
+
+
+def _components(mask: np.ndarray, min_voxels: int) -> tuple[np.ndarray, int]:
+    labels, n = ndimage.label(mask, structure=STRUCTURE)
+    if n and min_voxels > 1:
+        sizes = np.bincount(labels.ravel())
+        small = np.flatnonzero(sizes < min_voxels)
+        small = small[small > 0]
+        if small.size:
+            labels[np.isin(labels, small)] = 0
+            labels, n = ndimage.label(labels > 0, structure=STRUCTURE)
+    return labels, int(n)
+
+
+def aggregate(
+    therapy: str,
+    samples: np.ndarray,
+    maps: LocationMaps,
+    config: SamplerConfig,
+) -> TherapyForecast:
+    """Summaries over the samples (S, D, H, W) of one therapy."""
+    voxel = maps.grid.voxel_volume_mm3
+    probability = samples.mean(axis=0, dtype=np.float32)
+    counts: list[int] = []
+    volumes: list[float] = []
+    by_location: dict[LocationClass, list[int]] = {c: [] for c in LocationClass}
+    for sample in samples:
+        labels, n = _components(sample, config.min_lesion_voxels)
+        counts.append(n)
+        volumes.append(float(np.count_nonzero(labels)) * voxel)
+        classes = classify_lesions(labels, maps) if n else {}
+        for c in LocationClass:
+            by_location[c].append(sum(1 for v in classes.values() if v is c))
+    mask = probability >= config.threshold
+    labels, n = _components(mask, config.min_lesion_voxels)
+    classes = classify_lesions(labels, maps) if n else {}
+    lesions = []
+    for lab in range(1, n + 1):
+        idx = np.argwhere(labels == lab)
+        centroid = maps.grid.index_to_world(idx[:, ::-1].mean(axis=0)[None])[0]
+        lesions.append(
+            ForecastLesion(
+                label=lab,
+                volume_mm3=float(len(idx)) * voxel,
+                centroid_lps_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+                location=classes[lab],
+                mean_probability=float(probability[labels == lab].mean()),
+            )
+        )
+    return TherapyForecast(
+        therapy=therapy,
+        probability=probability,
+        mask=mask,
+        uncertainty=np.sqrt(probability * (1.0 - probability)).astype(np.float32),
+        sample_counts=tuple(counts),
+        sample_volumes_mm3=tuple(volumes),
+        sample_counts_by_location={k: tuple(v) for k, v in by_location.items()},
+        lesions=tuple(lesions),
+    )
+
+
+def forecast_study(
+    model: NET2Forecaster,
+    study: StudyTensors,
+    therapies: Sequence[str],
+    horizon_weeks: float,
+    config: SamplerConfig,
+    model_sha256: str | None = None,
+) -> ForecastResult:
+    """The spine's forecasting step: one study in, one typed result out."""
+    start = time.perf_counter()
+    samples, timings = sample_masks(model, study, therapies, horizon_weeks, config)
+    maps = template_location_maps(model.config.spacing_mm, model.config.crop_shape)
+    agg_start = time.perf_counter()
+    forecasts = {t: aggregate(t, samples[i], maps, config) for i, t in enumerate(therapies)}
+    timings["aggregate_s"] = time.perf_counter() - agg_start
+    timings["total_s"] = time.perf_counter() - start
+    return ForecastResult(
+        model_name=model.config.name,
+        model_version=model.config.version,
+        model_sha256=model_sha256,
+        grid=study.grid,
+        horizon_weeks=float(horizon_weeks),
+        sampler=asdict(config),
+        therapies=forecasts,
+        timings_s=timings,
+    )

@@ -1,0 +1,153 @@
+"""The forecaster: shapes, determinism, checkpoints, samplers, training, conditioning."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ms_forecast_node.forecast.checkpoint import ModelLoadError, load_model, save_model, sha256_of
+from ms_forecast_node.forecast.config import ModelConfig, SamplerConfig, TrainConfig
+from ms_forecast_node.forecast.data import prepare_study
+from ms_forecast_node.forecast.diffusion import Schedule, ddim_sample, ddpm_sample
+from ms_forecast_node.forecast.model import NET2Forecaster, depth_to_space, space_to_depth
+from ms_forecast_node.forecast.sampling import forecast_study, sample_masks
+
+TINY = ModelConfig(
+    crop_shape=(16, 24, 16),
+    encoder_channels=(8, 16, 16),
+    denoiser_channels=(0, 16, 16),
+    embed_dim=32,
+    timesteps=50,
+)
+
+
+def _tiny_study(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shape = TINY.crop_shape
+    seqs = {name: rng.uniform(50, 150, shape).astype(np.float32) for name in ("FLAIR", "T1")}
+    seqs.update({"T2": None, "PD": None})
+    lesions = np.zeros(shape, bool)
+    lesions[8, 10:12, 6:8] = True
+    return prepare_study(seqs, lesions, TINY)
+
+
+def _model(seed: int = 0, randomize_film: bool = True) -> NET2Forecaster:
+    torch.manual_seed(seed)
+    model = NET2Forecaster(TINY)
+    if randomize_film:  # FiLM starts at zero; give the condition pathway weights to act on
+        for name, p in model.named_parameters():
+            if "film" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        torch.nn.init.constant_(model.denoiser.out.bias, 0.0)
+    return model.eval()
+
+
+def test_space_to_depth_round_trip() -> None:
+    x = torch.randn(2, 3, 8, 16, 8)
+    assert space_to_depth(x, 4).shape == (2, 192, 2, 4, 2)
+    assert torch.equal(depth_to_space(space_to_depth(x, 4), 4), x)
+
+
+def test_study_flags_mark_missing_sequences() -> None:
+    study = _tiny_study()
+    assert study.images.shape == (TINY.n_image_channels, *TINY.crop_shape)
+    assert study.flags.tolist()[:4] == [1.0, 1.0, 0.0, 0.0]
+    assert np.all(study.images[2] == 0)
+
+
+def test_sampling_shapes_and_seed_determinism() -> None:
+    model, study = _model(), _tiny_study()
+    cfg = SamplerConfig(steps=3, samples=3, chunk_size=4, seed=7)
+    a, timings = sample_masks(model, study, ["placebo", "natalizumab"], 48.0, cfg)
+    b, _ = sample_masks(model, study, ["placebo", "natalizumab"], 48.0, cfg)
+    assert a.shape == (2, 3, *TINY.crop_shape) and a.dtype == bool
+    np.testing.assert_array_equal(a, b)
+    c, _ = sample_masks(model, study, ["placebo", "natalizumab"], 48.0, replace(cfg, seed=8))
+    assert not np.array_equal(a, c)
+    assert timings["sample_s"] > 0
+
+
+def test_therapy_condition_changes_the_sample_with_the_same_noise() -> None:
+    model, study = _model(), _tiny_study()
+    cfg = SamplerConfig(steps=3, samples=2, seed=1)
+    masks, _ = sample_masks(model, study, ["placebo", "ocrelizumab"], 48.0, cfg)
+    assert not np.array_equal(masks[0], masks[1])
+
+
+def test_forecast_result_aggregates_per_therapy() -> None:
+    model, study = _model(), _tiny_study()
+    cfg = SamplerConfig(steps=2, samples=4, seed=3)
+    result = forecast_study(model, study, ["placebo", "fingolimod"], 48.0, cfg)
+    f = result.therapies["placebo"]
+    assert f.probability.shape == TINY.crop_shape
+    assert set(np.unique(f.probability * 4).round()) <= {0, 1, 2, 3, 4}
+    assert len(f.sample_counts) == 4
+    assert 0.0 <= f.probability_of_activity <= 1.0
+    lo, hi = f.count_interval_90
+    assert lo <= f.count_median <= hi
+    np.testing.assert_array_equal(f.mask, f.probability >= 0.5)
+    assert sum(le.volume_mm3 for le in f.lesions) == pytest.approx(f.mask.sum() * 8.0)
+    assert [t.therapy for t in result.ranked()] == sorted(
+        result.therapies, key=lambda t: (result.therapies[t].expected_count, t)
+    )
+
+
+def test_checkpoint_round_trip_and_checksum_failure(tmp_path: Path) -> None:
+    model = _model(3)
+    path = tmp_path / "m.safetensors"
+    digest = save_model(model, path, {"note": "test"})
+    assert digest == sha256_of(path)
+    loaded = load_model(path, expected_sha256=digest)
+    assert loaded.config == model.config
+    for (k, v), (k2, v2) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(v, v2)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(path, expected_sha256=digest)
+    assert err.value.reason == "model_checksum_mismatch"
+    with pytest.raises(ModelLoadError):
+        load_model(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("q", [0.1, 0.4])
+def test_samplers_recover_an_analytic_distribution(q: float) -> None:
+    """Independent voxels with P(+1) = q: the exact posterior-mean logit is known in closed
+    form, so both samplers must reproduce the frequency q."""
+    schedule = Schedule(200)
+
+    def exact_logit(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = schedule.ab(t).view(-1, *([1] * (x.dim() - 1)))
+        return math.log(q / (1 - q)) + 2 * ab.sqrt() * x / (1 - ab)
+
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn((1, 1, 40, 40, 40), generator=gen)
+    ddpm = (ddpm_sample(exact_logit, schedule, noise, generator=gen) > 0).float().mean().item()
+    ddim = (ddim_sample(exact_logit, schedule, noise, steps=50) > 0).float().mean().item()
+    assert abs(ddpm - q) < 0.02, ddpm
+    assert abs(ddim - q) < 0.03, ddim
+
+
+@pytest.mark.slow
+def test_training_runs_resumes_and_writes_curves(small_cohort: Path, tmp_path: Path) -> None:
+    from ms_forecast_node.forecast.train import train
+
+    cfg = TrainConfig(steps=2, batch_size=2, checkpoint_every=2, validation_fraction=0.25)
+    run = tmp_path / "run"
+    weights = train(small_cohort, run, TINY, cfg)
+    assert weights.is_file() and (run / "loss.png").stat().st_size > 1000
+    train(small_cohort, run, TINY, replace(cfg, steps=4))
+    import json
+
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == 4
+    assert all(math.isfinite(v) for _, v in state["history"]["train"])
+    assert len(state["history"]["val"]) == 2
