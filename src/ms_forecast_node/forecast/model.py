@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ms_forecast_node.forecast.config import ModelConfig
+from ms_forecast_node.forecast.diffusion import cosine_alphas_cumprod
 
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -152,6 +153,7 @@ class Denoiser(nn.Module):
         assert self.out.bias is not None
         nn.init.constant_(self.out.bias, -8.0)
         self.horizon_range = config.horizon_range_weeks
+        self.alphas_cumprod = cosine_alphas_cumprod(config.timesteps).float()
 
     @property
     def null_therapy(self) -> int:
@@ -190,7 +192,18 @@ class Denoiser(nn.Module):
         m = self.mid_b(m, emb)
         up = F.interpolate(m, size=h1.shape[2:], mode="nearest")
         u = self.up(torch.cat([up, h1], 1), emb)
-        return depth_to_space(self.out(u), self.PATCH)
+        return depth_to_space(self.out(u), self.PATCH) + self.evidence(x_t, t)
+
+    def evidence(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What ``x_t`` alone says about each voxel: for independent ±1 voxels the exact
+        posterior logit is ``prior_logit + 2·sqrt(ᾱ_t)·x_t / (1 − ᾱ_t)``. Building this term
+        in (as EDM's skip connection does for images) leaves the network the prior logit and
+        the correlations between voxels to learn, and makes the sampler exact in the
+        independent case. The deterministic baseline passes ``x_t = 0``: no evidence."""
+        if self.alphas_cumprod.device != x_t.device:
+            self.alphas_cumprod = self.alphas_cumprod.to(x_t.device)
+        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        return 2.0 * ab.sqrt() * x_t / (1.0 - ab).clamp_min(1e-6)
 
 
 class NET2Forecaster(nn.Module):

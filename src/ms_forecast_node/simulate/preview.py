@@ -60,7 +60,7 @@ def write_preview(rendered: RenderedPatient, out: Path, slice_index: int | None 
     lo, hi = _window(fl, brain)
     axes[1, 0].imshow(_axial(fl, k), cmap="gray", vmin=lo, vmax=hi)
     axes[1, 0].set_title(
-        f"follow-up FLAIR ({rendered.design.factual_therapy})", color="white", fontsize=9
+        f"follow-up FLAIR\n(factual: {rendered.design.factual_therapy})", color="white", fontsize=9
     )
     axes[1, 1].imshow(_axial(rendered.baseline_labels > 0, k), cmap="gray")
     axes[1, 1].set_title("baseline lesion mask", color="white", fontsize=9)
