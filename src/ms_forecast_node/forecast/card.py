@@ -1,0 +1,111 @@
+"""Write the shipped model's card and registry entry from its training run and evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ms_forecast_node.forecast.checkpoint import load_model, sha256_of
+from ms_forecast_node.forecast.registry import MODELS_DIR
+from ms_forecast_node.simulate.therapies import load_therapies
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def ship_model(
+    weights: Path, run_dir: Path, report_dir: Path, models_dir: Path = MODELS_DIR
+) -> Path:
+    """Copy ``weights`` into the package, write the card and make it the default model."""
+    model = load_model(weights)
+    cfg = model.config
+    name = f"{cfg.name}-{cfg.version}"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / f"{name}.safetensors"
+    shutil.copyfile(weights, target)
+    digest = sha256_of(target)
+    run_cfg = json.loads((run_dir / "config.json").read_text())
+    state = json.loads((run_dir / "state.json").read_text())
+    report = json.loads((report_dir / "report.json").read_text())
+    cohort_header = json.loads((Path(run_cfg["cohort"]) / "cohort.json").read_text())
+    methods = report["methods"]
+    rows = []
+    for method, m in methods.items():
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    method,
+                    _fmt(m["activity"]["auc"]),
+                    _fmt(m["activity"]["ece"]),
+                    _fmt(m["count"]["mae"]),
+                    _fmt(m["count"]["spearman"]),
+                    _fmt(m.get("voxel_dice_active_mean", "n/a")),
+                    _fmt(m.get("lesion_detection", {}).get("f1", "n/a")),
+                    _fmt(m.get("counterfactual", {}).get("ranking_agreement", "n/a")),
+                ]
+            )
+            + " |"
+        )
+    therapies = ", ".join(f"{t.code} ({t.efficacy_net2:.0%})" for t in load_therapies())
+    card = f"""# Model card: {cfg.name} {cfg.version}
+
+**RESEARCH FORECAST — NOT FOR DIAGNOSTIC USE.** This model was trained **only on simulated
+data** (the project's MS cohort simulator). It has never seen a real patient and must not be
+used for clinical decisions.
+
+| | |
+|---|---|
+| file | `{target.name}` |
+| sha256 | `{digest}` |
+| task | forecast of the new and enlarging T2 (NET2) lesion mask at a future time point, per therapy |
+| method | treatment-conditioned voxel-space diffusion (after Favero et al. 2025, arXiv 2508.07006): study encoder run once per study, FiLM-conditioned denoiser on 4×4×4-voxel blocks predicting clean-mask logits, cosine schedule with {cfg.timesteps} steps, DDIM few-step sampling |
+| grid | ICBM152 2009c symmetric template, {cfg.spacing_mm:g} mm, crop {list(cfg.crop_shape)} (k, j, i) |
+| inputs | FLAIR (required), T1, T2, PD (optional, with availability flags), current T2 lesion mask; prior-visit channels exist but the training cohort had no prior visit |
+| conditions | therapy (learned embedding + null token for guidance): {therapies}; horizon in weeks (trained range {cfg.horizon_range_weeks[0]:g}–{cfg.horizon_range_weeks[1]:g}, training cohort all at {cohort_header["horizon_weeks"]:g} weeks) |
+| training data | `{run_cfg["cohort"]}`: {cohort_header["n_patients"]} simulated patients, seed {cohort_header["seed"]}, factual therapy only (as in a trial) |
+| training | {state["step"]} steps, batch {run_cfg["train"]["batch_size"]}, AdamW lr {run_cfg["train"]["learning_rate"]}, condition dropout {run_cfg["train"]["condition_dropout"]}, modality dropout {run_cfg["train"]["modality_dropout"]}, seed {run_cfg["train"]["seed"]}, CPU |
+| parameters | {sum(p.numel() for p in model.parameters()):,} |
+| template licence | ICBM152 2009 licence stated as "unknown" by nilearn; atlases from Debian mricron-data carry their own (some non-commercial) terms |
+
+## Held-out evaluation
+
+`{report["cohort"]}` ({report["n_patients"]} simulated patients, a different seed); sampler
+{report["sampler"]["method"]} {report["sampler"]["steps"]} steps × {report["sampler"]["samples"]}
+samples. The oracle knows each patient's true NET2 rate: it is the ceiling for any image-based
+forecaster.
+
+| method | activity AUC | ECE | count MAE | count Spearman | Dice (active) | lesion F1 | ranking agreement |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Full report: `ms-forecast-node evaluate` output (report.md / report.json / figures), reproduced by
+the command in the project README.
+
+## Limitations
+
+* Simulated training data: the anatomy is one template warped per patient, lesion biology is a
+  model, and the therapy effects are trial averages applied to a latent rate.
+* One horizon (48 weeks) in training; other horizons are extrapolation.
+* No prior visit in training; the temporal-context channels are untrained.
+"""
+    card_path = models_dir / f"{name}.md"
+    card_path.write_text(card, encoding="utf-8")
+    registry = {
+        "models": [
+            {
+                "name": cfg.name,
+                "version": cfg.version,
+                "file": target.name,
+                "sha256": digest,
+                "card": card_path.name,
+                "default": True,
+                "trained_on": "simulated data only",
+            }
+        ]
+    }
+    (models_dir / "models.json").write_text(json.dumps(registry, indent=2) + "\n")
+    return target
