@@ -23,6 +23,7 @@ from ms_forecast_node.anatomy.locations import LocationClass, LocationMaps, clas
 from ms_forecast_node.anatomy.template import load_template_anatomy
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import StudyTensors, model_grid
+from ms_forecast_node.forecast.device import autocast
 from ms_forecast_node.forecast.diffusion import Schedule, ddim_sample, ddpm_sample, guided
 from ms_forecast_node.forecast.model import EncodedStudy, NET2Forecaster
 from ms_forecast_node.forecast.result import ForecastLesion, ForecastResult, TherapyForecast
@@ -39,12 +40,6 @@ def template_location_maps(spacing_mm: float, crop_shape: tuple[int, int, int]) 
         anatomy.dist_cortex_mm[slices],
         anatomy.infratentorial[slices],
     )
-
-
-def _autocast(device: torch.device) -> torch.autocast | torch.no_grad:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.no_grad()
 
 
 def sample_masks(
@@ -65,7 +60,7 @@ def sample_masks(
     start = time.perf_counter()
     images = torch.from_numpy(study.images[None]).float().to(device)
     flags = torch.from_numpy(study.flags[None]).float().to(device)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         encoded: EncodedStudy = model.encoder(images, flags)
     timings["encode_s"] = time.perf_counter() - start
     shape = study.images.shape[1:]
@@ -87,13 +82,13 @@ def sample_masks(
         def cond(
             x: torch.Tensor, t: torch.Tensor, th: torch.Tensor = th, hz: torch.Tensor = hz
         ) -> torch.Tensor:
-            with _autocast(device):
+            with autocast(device):
                 return model.denoiser(x, t, th, hz, encoded).float()
 
         def uncond(
             x: torch.Tensor, t: torch.Tensor, null: torch.Tensor = null, hz: torch.Tensor = hz
         ) -> torch.Tensor:
-            with _autocast(device):
+            with autocast(device):
                 return model.denoiser(x, t, null, hz, encoded).float()
 
         fn = guided(cond, uncond, config.guidance_scale)

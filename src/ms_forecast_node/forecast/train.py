@@ -15,7 +15,6 @@ import random
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -34,14 +33,11 @@ from ms_forecast_node.forecast.config import (
     config_dict,
 )
 from ms_forecast_node.forecast.data import Example, brain_mask, load_examples
+from ms_forecast_node.forecast.device import autocast, pick_device
 from ms_forecast_node.forecast.diffusion import Schedule
 from ms_forecast_node.forecast.model import NET2Forecaster
 
 log = logging.getLogger(__name__)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _batch(
@@ -205,7 +201,7 @@ def train(
         losses = []
         vgen = torch.Generator().manual_seed(12345)
         vrng = np.random.default_rng(12345)
-        with torch.no_grad(), _Autocast(device):
+        with torch.no_grad(), autocast(device):
             for i in range(0, len(val), train_config.batch_size):
                 chunk = val[i : i + train_config.batch_size]
                 batch = _batch(chunk, model_config, train_config, vrng, device, augment=False)
@@ -221,7 +217,7 @@ def train(
             group["lr"] = lr_at(step)
         chunk = [trn[i] for i in rng.choice(len(trn), train_config.batch_size, replace=False)]
         batch = _batch(chunk, model_config, train_config, rng, device, augment=True)
-        with _Autocast(device):
+        with autocast(device):
             loss = loss_on_batch(
                 model, schedule, batch, brain, generator, train_config.positive_weight
             )
@@ -240,23 +236,6 @@ def train(
     bar.close()
     log.info("trained %d steps in %.0f s; weights: %s", step, time.perf_counter() - start, weights)
     return weights
-
-
-class _Autocast:
-    """bf16 autocast on CUDA, nothing on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.ctx: Any = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-        )
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 __all__ = ["loss_on_batch", "pick_device", "replace", "train"]
