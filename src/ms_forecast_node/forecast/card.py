@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from ms_forecast_node.forecast.checkpoint import load_model, sha256_of
+from ms_forecast_node.forecast.evaluate import summary_table
 from ms_forecast_node.forecast.registry import MODELS_DIR
 from ms_forecast_node.simulate.therapies import load_therapies
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def ship_model(
@@ -32,24 +28,7 @@ def ship_model(
     report = json.loads((report_dir / "report.json").read_text())
     cohort_header = json.loads((Path(run_cfg["cohort"]) / "cohort.json").read_text())
     methods = report["methods"]
-    rows = []
-    for method, m in methods.items():
-        rows.append(
-            "| "
-            + " | ".join(
-                [
-                    method,
-                    _fmt(m["activity"]["auc"]),
-                    _fmt(m["activity"]["ece"]),
-                    _fmt(m["count"]["mae"]),
-                    _fmt(m["count"]["spearman"]),
-                    _fmt(m.get("voxel_dice_active_mean", "n/a")),
-                    _fmt(m.get("lesion_detection", {}).get("f1", "n/a")),
-                    _fmt(m.get("counterfactual", {}).get("ranking_agreement", "n/a")),
-                ]
-            )
-            + " |"
-        )
+    rows = summary_table(methods)
     therapies = ", ".join(f"{t.code} ({t.efficacy_net2:.0%})" for t in load_therapies())
     card = f"""# Model card: {cfg.name} {cfg.version}
 
@@ -78,8 +57,6 @@ used for clinical decisions.
 samples. The oracle knows each patient's true NET2 rate: it is the ceiling for any image-based
 forecaster.
 
-| method | activity AUC | ECE | count MAE | count Spearman | Dice (active) | lesion F1 | ranking agreement |
-|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Full report: `ms-forecast-node evaluate` output (report.md / report.json / figures), reproduced by

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -117,5 +117,4 @@ __all__ = [
     "config_dict",
     "load_configs",
     "model_config_from_dict",
-    "replace",
 ]

@@ -281,6 +281,29 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def summary_table(methods: dict[str, Any]) -> list[str]:
+    """Markdown table of the headline metrics, one row per method."""
+    lines = [
+        "| method | activity AUC | ECE | accuracy | count MAE | count Spearman | Dice (active) "
+        "| lesion F1 | ranking agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        cells = [
+            name,
+            m["activity"]["auc"],
+            m["activity"]["ece"],
+            m["activity"]["accuracy"],
+            m["count"]["mae"],
+            m["count"]["spearman"],
+            m.get("voxel_dice_active_mean", float("nan")),
+            m.get("lesion_detection", {}).get("f1", float("nan")),
+            m.get("counterfactual", {}).get("ranking_agreement", float("nan")),
+        ]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     methods = report["methods"]
     lines = [
@@ -291,28 +314,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(sha256 `{report['model']['sha256'][:16]}…`); sampler {report['sampler']['method']} "
         f"{report['sampler']['steps']} steps × {report['sampler']['samples']} samples.",
         "",
-        "| method | activity AUC | ECE | accuracy | count MAE | count Spearman | Dice (active) "
-        "| lesion F1 | ranking agreement |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *summary_table(methods),
     ]
-    for name, m in methods.items():
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    name,
-                    _fmt(m["activity"]["auc"]),
-                    _fmt(m["activity"]["ece"]),
-                    _fmt(m["activity"]["accuracy"]),
-                    _fmt(m["count"]["mae"]),
-                    _fmt(m["count"]["spearman"]),
-                    _fmt(m.get("voxel_dice_active_mean", float("nan"))),
-                    _fmt(m.get("lesion_detection", {}).get("f1", float("nan"))),
-                    _fmt(m.get("counterfactual", {}).get("ranking_agreement", float("nan"))),
-                ]
-            )
-            + " |"
-        )
     lines += ["", "## Average effect against placebo (relative reduction of NET2 count)", ""]
     header = "| therapy | true | " + " | ".join(methods) + " |"
     lines += [header, "|" + "---|" * (len(methods) + 2)]

@@ -11,6 +11,11 @@ from ms_forecast_node.anatomy.locations import LocationClass
 from ms_forecast_node.image.geometry import Grid
 
 
+def _interval_90(values: tuple[float, ...] | tuple[int, ...]) -> tuple[float, float]:
+    lo, hi = np.percentile(values, [5, 95])
+    return float(lo), float(hi)
+
+
 @dataclass(frozen=True)
 class ForecastLesion:
     """A connected component of a therapy's binary forecast mask."""
@@ -43,8 +48,7 @@ class TherapyForecast:
 
     @property
     def count_interval_90(self) -> tuple[float, float]:
-        lo, hi = np.percentile(self.sample_counts, [5, 95])
-        return float(lo), float(hi)
+        return _interval_90(self.sample_counts)
 
     @property
     def probability_of_activity(self) -> float:
@@ -57,8 +61,7 @@ class TherapyForecast:
 
     @property
     def volume_interval_90(self) -> tuple[float, float]:
-        lo, hi = np.percentile(self.sample_volumes_mm3, [5, 95])
-        return float(lo), float(hi)
+        return _interval_90(self.sample_volumes_mm3)
 
     def expected_counts_by_location(self) -> dict[LocationClass, float]:
         return {k: float(np.mean(v)) for k, v in self.sample_counts_by_location.items()}

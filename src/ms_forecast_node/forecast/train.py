@@ -13,7 +13,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -238,4 +237,4 @@ def train(
     return weights
 
 
-__all__ = ["loss_on_batch", "pick_device", "replace", "train"]
+__all__ = ["loss_on_batch", "pick_device", "train"]

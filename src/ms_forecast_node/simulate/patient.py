@@ -464,7 +464,6 @@ def render_patient(design: PatientDesign, spacing_mm: float | None = None) -> Re
         dist_cortex_mm=warped["dist_cortex_mm"],
         infratentorial=warped["infratentorial"],
     )
-    all_labels = np.where(fu_labels > 0, fu_labels, bl_labels)
     # New lesions of counterfactual worlds are classified on a label map of their own.
     cf_labels = np.zeros(grid.shape, dtype=np.int32)
     for les in design.new_lesions:
@@ -511,7 +510,6 @@ def render_patient(design: PatientDesign, spacing_mm: float | None = None) -> Re
                 occurs_under=occurs,
             )
         )
-    del all_labels
     return RenderedPatient(
         design=design,
         grid=grid,
