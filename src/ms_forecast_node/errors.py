@@ -43,3 +43,54 @@ class CohortFormatError(MSForecastError):
     """A folder does not follow the documented cohort layout."""
 
     reason = "cohort_format_invalid"
+
+
+# --- study and series input (imaging pipeline) -----------------------------------------------
+class StudyInputError(MSForecastError):
+    """A study or one of its series cannot be used as forecaster input."""
+
+    reason = "study_invalid"
+
+
+class SeriesSelectionError(StudyInputError):
+    """The study lacks a series the configuration requires (e.g. no FLAIR, only localizers)."""
+
+    reason = "required_series_missing"
+
+
+class SeriesRulesError(ConfigurationError):
+    """The series classification rules file is malformed."""
+
+    reason = "series_rules_invalid"
+
+
+class SeriesGeometryError(StudyInputError):
+    """A series' slices do not form one regular volume (reasons: missing_slice,
+    non_parallel_slices, inconsistent_spacing, gantry_tilt, too_few_slices, mixed_series,
+    duplicate_slices)."""
+
+    reason = "series_geometry_invalid"
+
+
+class PixelDataError(StudyInputError):
+    """Pixel data cannot be decoded (unsupported transfer syntax, corrupt stream)."""
+
+    reason = "pixel_data_unreadable"
+
+
+class RegistrationError(StudyInputError):
+    """Registration did not converge or failed its quality check."""
+
+    reason = "registration_failed"
+
+
+class LesionMaskError(StudyInputError):
+    """A supplied lesion SEG cannot be used (wrong frame of reference, no lesion segment)."""
+
+    reason = "lesion_mask_invalid"
+
+
+class OutputError(MSForecastError):
+    """An output object (SEG, SR, key image, PDF) cannot be built."""
+
+    reason = "output_build_failed"
