@@ -235,6 +235,66 @@ def evaluate_cmd(
     typer.echo((out / "report.md").read_text())
 
 
+@app.command("forecast")
+def forecast_cmd(
+    study_dir: Annotated[Path, typer.Argument(help="Folder of DICOM files: one or two visits.")],
+    out: Annotated[Path, typer.Option(help="Output folder (dicom/, summary.json, summary.png).")],
+    therapies: Annotated[
+        Optional[str],  # noqa: UP045 - typer needs Optional on Python 3.10
+        typer.Option(help="Comma-separated therapy codes (default: every therapy of the model)."),
+    ] = None,
+    horizon_weeks: Annotated[float, typer.Option(help="Forecast horizon in weeks.")] = 48.0,
+    samples: Annotated[int, typer.Option(help="Diffusion samples per therapy.")] = 8,
+    steps: Annotated[int, typer.Option(help="Sampler steps (DDIM).")] = 8,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    outputs: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Comma-separated output kinds (default: the templates' list)."),
+    ] = None,
+    templates: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Folder with outputs.yaml and codes.yaml (default: dicom_templates/)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Forecast a study offline: inventory → registration → forecast → SEG/SR/fallbacks."""
+    from ms_forecast_node.forecast.config import SamplerConfig
+    from ms_forecast_node.pipeline.run import ForecastPipeline, PipelineSettings
+
+    def split(text: str | None) -> tuple[str, ...] | None:
+        return tuple(t.strip() for t in text.split(",") if t.strip()) if text else None
+
+    settings = PipelineSettings(
+        therapies=split(therapies),
+        horizon_weeks=horizon_weeks,
+        sampler=SamplerConfig(steps=steps, samples=samples, seed=seed),
+        outputs=split(outputs),
+        templates_dir=templates,
+        device=device,
+    )
+    try:
+        outcome = ForecastPipeline(settings).run(study_dir, out)
+    except MSForecastError as exc:
+        # Batch users read the reason from the folder as well as from the exit status.
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.json").write_text(
+            json.dumps({"reason": exc.reason, "message": str(exc)}, indent=2) + "\n",
+            encoding="utf-8",
+        )
+        raise
+    typer.echo(
+        f"study {outcome.study_instance_uid}: {len(outcome.files)} objects in {out / 'dicom'}"
+    )
+    for row in outcome.summary["therapies_ranked"]:
+        lo, hi = row["count_interval_90"]
+        typer.echo(
+            f"  {row['rank']}. {row['therapy']:<24} expected NET2 {row['expected_net2_count']:.2f} "
+            f"[{lo:.0f}-{hi:.0f}]  P(activity) {row['probability_of_activity']:.2f}"
+        )
+    typer.echo(f"summary: {out / 'summary.json'}  montage: {out / 'summary.png'}")
+    typer.echo(RESEARCH_DISCLAIMER)
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo.")] = Path("var/demo"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 _CONFIGURED = False
@@ -16,7 +17,10 @@ def configure_logging(level: str | int = "INFO") -> None:
     root.setLevel(level)
     if _CONFIGURED:
         return
-    handler = RichHandler(rich_tracebacks=True, show_path=False, markup=False)
+    # Logs go to stderr so that stdout carries only a command's results (scripts parse it).
+    handler = RichHandler(
+        console=Console(stderr=True), rich_tracebacks=True, show_path=False, markup=False
+    )
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     root.addHandler(handler)
     _CONFIGURED = True

@@ -8,8 +8,11 @@ from typing import Any
 import torch
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else the CPU; otherwise the named device."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

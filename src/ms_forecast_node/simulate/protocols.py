@@ -97,7 +97,8 @@ def _packaged_protocols_file() -> Path:
     # institution-editable file in dicom_templates/.
     if DEFAULT_PROTOCOLS_FILE.is_file():
         return DEFAULT_PROTOCOLS_FILE
-    return Path(__file__).resolve().parents[1] / "data" / "dicom_templates" / "simulator_protocols.yaml"
+    packaged = Path(__file__).resolve().parents[1] / "data" / "dicom_templates"
+    return packaged / "simulator_protocols.yaml"
 
 
 def _parse_protocol(entry: dict[str, object], where: str) -> AcquisitionProtocol:
