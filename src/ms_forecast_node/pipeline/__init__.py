@@ -1,0 +1,1 @@
+"""The spine that every entry point shares: load → preprocess → forecast → report."""
