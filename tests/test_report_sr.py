@@ -328,7 +328,10 @@ def test_rebuilding_replaces_and_a_new_version_does_not(
     } == cached
     version_2 = make_report_input(cached_input(folder).reference, study_version=2)
     newer = build_outputs(version_2, templates, kinds)
-    assert not {o.dataset.SOPInstanceUID for o in newer} & {uid for _, uid in cached.values()}
+    # A new study version supersedes the old objects in the PACS: same UIDs, new content.
+    assert {
+        (o.kind, o.therapy): (o.dataset.SeriesInstanceUID, o.dataset.SOPInstanceUID) for o in newer
+    } == cached
 
 
 def test_sr_without_seg_keeps_the_therapy_numbers(case: Case, templates: Templates) -> None:

@@ -1,10 +1,12 @@
 """Identity and provenance of every output object: UIDs, series, equipment, source patient.
 
-UIDs are hashes of (study instance UID, study version, therapy, object kind, role, index)
-under the template's UID root (``pydicom.uid.generate_uid`` with ``entropy_srcs``). Building
-the outputs of the same forecast twice therefore gives the same UIDs, and a PACS that receives
-them again replaces the objects instead of storing duplicates; a new study version (a later
-reference series) gives new UIDs.
+UIDs are hashes of (study instance UID, therapy, object kind, role, index) under the
+template's UID root (``pydicom.uid.generate_uid`` with ``entropy_srcs``). Building the outputs
+of a study twice gives the same UIDs, and a PACS that receives them again replaces the objects
+instead of storing duplicates. The study version is deliberately *not* hashed: when a later
+series makes a new study version, its results supersede the old ones under the same UIDs
+(the version is written inside every object), so the radiologist never sees two competing SEGs
+of one therapy. Orthanc needs ``OverwriteInstances: true`` for that (deploy/orthanc/).
 
 Provenance goes into every object the same way (docs/outputs.md): Manufacturer and friends
 from the template, Software Versions = (package version, model name + version), and one
@@ -57,10 +59,11 @@ def derive_uid(
     role: UidRole,
     index: int = 0,
 ) -> str:
-    """One UID, a pure function of its arguments."""
+    """One UID, a pure function of its arguments; ``study_version`` is accepted for the
+    record but not hashed (see the module docstring)."""
+    del study_version
     sources = [
         study_instance_uid,
-        f"v{study_version}",
         therapy if therapy is not None else "-",
         kind.value,
         role.value,
