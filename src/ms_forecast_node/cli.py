@@ -295,6 +295,119 @@ def forecast_cmd(
     typer.echo(RESEARCH_DISCLAIMER)
 
 
+config_app = typer.Typer(help="Check the node's configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional on Python 3.10
+    typer.Option("--config", "-c", help="Node configuration YAML (default: embedded defaults)."),
+]
+
+
+@app.command("serve")
+def serve_cmd(config: ConfigOption = None) -> None:
+    """Run the DICOM node until stopped (SIGTERM / Ctrl-C)."""
+    from ms_forecast_node.config.settings import load_config
+    from ms_forecast_node.node import Node
+
+    cfg = load_config(config)
+    node = Node(cfg)
+    listen = cfg.listen
+    typer.echo(
+        f"ms-forecast-node {__version__}: AE {listen.ae_title} on "
+        f"{listen.bind_address}:{listen.port}{' (TLS)' if listen.tls.enabled else ''}; "
+        f"data in {cfg.storage.root}. {RESEARCH_DISCLAIMER}."
+    )
+    node.serve_forever()
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate a configuration file and print the effective configuration (secrets masked)."""
+    import yaml
+
+    from ms_forecast_node.config.settings import load_config
+
+    cfg = load_config(config)
+    typer.echo(f"{config or 'embedded defaults'}: valid")
+    for peer in cfg.peers:
+        dest = cfg.destination_for(peer.ae_title)
+        typer.echo(
+            f"  peer {peer.ae_title}{' from ' + peer.host if peer.host else ''}: quiet period "
+            f"{peer.quiet_period_s:g} s, results to {dest or 'NOWHERE (no destination)'}"
+        )
+    if cfg.accept_unknown_peers:
+        typer.echo("  WARNING: accept_unknown_peers is on - any calling AE may send studies")
+    typer.echo(yaml.safe_dump(cfg.redacted(), sort_keys=False))
+
+
+@app.command("echo")
+def echo_cmd(
+    destination: Annotated[str, typer.Argument(help="Name of a configured destination.")],
+    config: ConfigOption = None,
+) -> None:
+    """C-ECHO a configured destination."""
+    from ms_forecast_node.config.settings import load_config
+    from ms_forecast_node.errors import ConfigurationError
+    from ms_forecast_node.send.outbox import echo
+
+    cfg = load_config(config)
+    dest = cfg.destinations.get(destination)
+    if dest is None:
+        raise ConfigurationError(
+            f"no destination {destination!r} (configured: {sorted(cfg.destinations)})",
+            reason="destination_unknown",
+        )
+    ok, message = echo(cfg, dest)
+    typer.echo(f"{destination} ({dest.ae_title}@{dest.host}:{dest.port}): {message}")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_cmd(config: ConfigOption = None, limit: int = 20) -> None:
+    """Studies, jobs and the outbox, from the node's database."""
+    from ms_forecast_node.config.settings import load_config
+    from ms_forecast_node.store.database import Database
+
+    cfg = load_config(config)
+    db = Database(cfg.storage.database_path)
+    studies = db.query("SELECT * FROM studies ORDER BY last_received_at DESC LIMIT ?", (limit,))
+    typer.echo(f"studies ({len(studies)} shown):")
+    for s in studies:
+        typer.echo(
+            f"  {s['study_uid']}  from {s['calling_ae']}  {s['n_instances']} instances  "
+            f"version {s['latest_version']}{'  (receiving)' if s['dirty'] else ''}"
+        )
+    typer.echo("jobs:")
+    for j in db.jobs(limit=limit):
+        reason = f"  [{j['reason']}] {j['message'] or ''}" if j["reason"] else ""
+        typer.echo(f"  #{j['id']} {j['study_uid']} v{j['version']}: {j['state']}{reason}")
+    typer.echo(f"outbox: {db.outbox_counts() or 'empty'}")
+
+
+@app.command("reprocess")
+def reprocess_cmd(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID to process again.")],
+    config: ConfigOption = None,
+) -> None:
+    """Queue a new version of a received study (e.g. after a model upgrade)."""
+    from ms_forecast_node.assemble.studies import StudyAssembler
+    from ms_forecast_node.config.settings import load_config
+    from ms_forecast_node.errors import StudyInputError
+    from ms_forecast_node.store.database import Database
+
+    cfg = load_config(config)
+    db = Database(cfg.storage.database_path)
+    try:
+        job_id = StudyAssembler(cfg, db).new_version(study_uid, force=True)
+    except KeyError:
+        raise StudyInputError(
+            f"study {study_uid} was never received", reason="study_not_found"
+        ) from None
+    typer.echo(f"study {study_uid}: job {job_id} queued")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo.")] = Path("var/demo"),

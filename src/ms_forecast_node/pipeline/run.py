@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -88,8 +88,10 @@ class ForecastPipeline:
         self.therapies: tuple[str, ...] = tuple(therapies)
 
     # --- stages ----------------------------------------------------------------------------
-    def load(self, study_dir: Path, study_instance_uid: str | None = None) -> LoadedVisits:
-        return load_visits(study_dir, self.rules, study_instance_uid)
+    def load(
+        self, source: Path | Sequence[Path], study_instance_uid: str | None = None
+    ) -> LoadedVisits:
+        return load_visits(source, self.rules, study_instance_uid)
 
     def preprocess(self, visits: LoadedVisits) -> PreprocessedStudy:
         cfg = self.model.config
@@ -137,13 +139,22 @@ class ForecastPipeline:
     # --- the whole chain -------------------------------------------------------------------
     def run(
         self,
-        study_dir: Path,
+        study_dir: Path | Sequence[Path],
         out_dir: Path,
         *,
         study_instance_uid: str | None = None,
         study_version: int = 1,
+        on_stage: Callable[[str, dict[str, float]], None] | None = None,
     ) -> PipelineOutcome:
+        """Run every stage; ``on_stage(name, timings_so_far)`` is called as each stage starts
+        (the node persists job state with it)."""
+
+        def stage(name: str) -> None:
+            if on_stage is not None:
+                on_stage(name, dict(timings))
+
         timings: dict[str, float] = {}
+        stage("preprocessing")
         t0 = time.perf_counter()
         visits = self.load(study_dir, study_instance_uid)
         timings["load_s"] = time.perf_counter() - t0
@@ -151,9 +162,11 @@ class ForecastPipeline:
         t0 = time.perf_counter()
         study = self.preprocess(visits)
         timings["preprocess_s"] = time.perf_counter() - t0
+        stage("forecasting")
         t0 = time.perf_counter()
         result = self.forecast(study)
         timings["forecast_s"] = time.perf_counter() - t0
+        stage("reporting")
         t0 = time.perf_counter()
         report_input, objects = self.report(study, result, study_version)
         timings["outputs_s"] = time.perf_counter() - t0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,16 @@ def _visit(selection: Selection) -> VisitSeries:
 
 
 def load_visits(
-    study_dir: Path, rules: SeriesRules | None = None, study_instance_uid: str | None = None
+    source: Path | Sequence[Path],
+    rules: SeriesRules | None = None,
+    study_instance_uid: str | None = None,
 ) -> LoadedVisits:
-    """Inventory ``study_dir``, choose series, read them. Typed errors for unusable studies."""
-    inv = inventory([Path(study_dir)], rules)
+    """Inventory ``source`` (a folder, or files and folders), choose series, read them.
+
+    Typed errors for unusable studies."""
+    paths = [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
+    study_dir = paths[0] if len(paths) == 1 else f"{len(paths)} paths"
+    inv = inventory(paths, rules)
     if not inv.series:
         raise StudyInputError(f"no DICOM series found under {study_dir}", reason="no_dicom_found")
     dates = {

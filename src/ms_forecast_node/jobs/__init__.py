@@ -1,0 +1,1 @@
+"""Jobs: the persisted state machine that runs the pipeline for each study version."""

@@ -1,0 +1,142 @@
+"""The worker: runs one job at a time (so at most one GPU job), apart from the network threads.
+
+A job moves assembled → preprocessing → forecasting → reporting → sending; a crash or restart
+leaves it in one of the first four states and the worker picks it up again from the start:
+every stage is deterministic (seeded sampling, UIDs derived from the study), so a rerun builds
+the same objects, and the outbox rows are written in the same transaction that moves the job
+to ``sending`` — results are queued exactly once per study version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+
+from ms_forecast_node.config.settings import NodeConfig
+from ms_forecast_node.errors import MSForecastError
+from ms_forecast_node.pipeline.run import ForecastPipeline
+from ms_forecast_node.store.database import Database, JobState, OutboxState
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self,
+        config: NodeConfig,
+        db: Database,
+        pipeline_factory: Callable[[], ForecastPipeline],
+    ) -> None:
+        self.config = config
+        self.db = db
+        self._factory = pipeline_factory
+        self._pipeline: ForecastPipeline | None = None
+        self.derived_dir = config.storage.root / "derived"
+
+    @property
+    def pipeline(self) -> ForecastPipeline:
+        if self._pipeline is None:
+            self._pipeline = self._factory()
+        return self._pipeline
+
+    def run_once(self) -> int | None:
+        """Run the oldest runnable job to ``sending``, ``failed`` or ``superseded``."""
+        job = self.db.next_runnable_job()
+        if job is None:
+            return None
+        job_id, study_uid, version = int(job["id"]), str(job["study_uid"]), int(job["version"])
+        with self.db.transaction() as con:
+            con.execute("UPDATE jobs SET runs = runs + 1 WHERE id = ?", (job_id,))
+        log.info(
+            "job %d: study %s version %d (run %d)", job_id, study_uid, version, job["runs"] + 1
+        )
+        started = time.perf_counter()
+
+        def on_stage(name: str, timings: dict[str, float]) -> None:
+            if self._superseded(job_id):
+                raise _SupersededError()
+            self.db.set_job_state(job_id, JobState(name), stage_seconds=timings)
+
+        out = self.derived_dir / study_uid / f"v{version}"
+        try:
+            files = self.db.study_files(study_uid) + self.db.prior_study_files(study_uid)
+            outcome = self.pipeline.run(
+                files, out, study_instance_uid=study_uid, study_version=version, on_stage=on_stage
+            )
+        except _SupersededError:
+            log.info("job %d superseded by a later version of the study", job_id)
+            return job_id
+        except MSForecastError as exc:
+            log.error("job %d failed: %s", job_id, exc)
+            self.db.set_job_state(job_id, JobState.FAILED, reason=exc.reason, message=str(exc))
+            return job_id
+        except Exception as exc:  # the node must keep serving whatever a study does
+            log.error("job %d failed unexpectedly: %s\n%s", job_id, exc, traceback.format_exc())
+            self.db.set_job_state(
+                job_id,
+                JobState.FAILED,
+                reason="internal_error",
+                message=f"{type(exc).__name__}: {exc}",
+            )
+            return job_id
+        destination = job["destination"]
+        timings = {**outcome.timings_s, "total_s": time.perf_counter() - started}
+        with self.db.transaction() as con:
+            state = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            if state == JobState.SUPERSEDED.value:
+                return job_id
+            if destination is None:
+                con.execute(
+                    "UPDATE jobs SET state = ?, reason = 'no_destination', message = ?, "
+                    "updated_at = ? WHERE id = ?",
+                    (
+                        JobState.FAILED.value,
+                        f"no destination configured for the sending AE (results kept in {out})",
+                        time.time(),
+                        job_id,
+                    ),
+                )
+                return job_id
+            now = time.time()
+            for path in outcome.files:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                con.execute(
+                    """INSERT OR IGNORE INTO outbox (job_id, sop_instance_uid, sop_class_uid, path,
+                           destination, state, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        job_id,
+                        str(ds.SOPInstanceUID),
+                        str(ds.SOPClassUID),
+                        str(Path(path)),
+                        destination,
+                        OutboxState.PENDING.value,
+                        now,
+                    ),
+                )
+        self.db.set_job_state(
+            job_id, JobState.SENDING, stage_seconds=timings, summary=outcome.summary
+        )
+        return job_id
+
+    def _superseded(self, job_id: int) -> bool:
+        return str(self.db.job(job_id)["state"]) == JobState.SUPERSEDED.value
+
+    def loop(self, stop: threading.Event, idle_s: float = 0.5) -> None:
+        while not stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # keep the thread alive; the error is in the log
+                log.exception("worker loop error")
+                ran = None
+            if ran is None:
+                stop.wait(idle_s)
+
+
+class _SupersededError(Exception):
+    """Raised from a stage callback to abandon a job a later study version replaced."""

@@ -1,0 +1,1 @@
+"""Receiving: the Storage/Verification SCP, durable ingest, peer checks, TLS, audit log."""

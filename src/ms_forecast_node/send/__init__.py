@@ -1,0 +1,1 @@
+"""Sending results: a persistent outbox drained by a C-STORE SCU with retries."""

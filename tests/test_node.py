@@ -1,0 +1,167 @@
+"""The node over real loopback associations: dcmtk clients in, results out to a receiver."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pydicom.dataset
+import pydicom.uid
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+from ms_forecast_node.node import Node
+from ms_forecast_node.store.database import JobState
+
+from .node_helpers import Receiver, dcmtk, node_config, storescu, wait_for
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@pytest.fixture()
+def receiver() -> Iterator[Receiver]:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture()
+def node(tmp_path: Path, receiver: Receiver) -> Iterator[Node]:
+    n = Node(node_config(tmp_path / "node", receiver.port))
+    n.start()
+    yield n
+    n.stop()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_echoscu_works_and_unknown_calling_ae_is_rejected(node: Node) -> None:
+    ok = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "MSFORECAST", "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", "MSFORECAST", "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode != 0
+    assert "Calling AE Title Not Recognized" in bad.stderr or "Rejected" in bad.stderr
+    wrong_called = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "SOMEONE", "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert wrong_called.returncode != 0
+    records = node.audit.records()
+    assert any(r["outcome"] == "rejected" and r["calling_ae"] == "INTRUDER" for r in records)
+
+
+@pytest.mark.slow
+def test_study_in_results_out_exactly_once(
+    node: Node, receiver: Receiver, simulated_study: tuple[Path, dict[str, Any]]
+) -> None:
+    root, _ = simulated_study
+    files = _files(root / "dicom")
+    sent = storescu(node.port, files)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    stored = {p for p in (node.config.storage.root / "instances").rglob("*.dcm")}
+    assert len(stored) == len(files)  # every acknowledged instance is on disk
+    # Two studies (baseline, follow-up) arrive; both are forecast, the follow-up with its prior.
+    wait_for(
+        lambda: sum(1 for j in node.db.jobs() if j["state"] in ("done", "failed")) >= 2,
+        600,
+        "both jobs to finish",
+    )
+    jobs = node.db.jobs()
+    assert {j["state"] for j in jobs} == {JobState.DONE.value}, [dict(j) for j in jobs]
+    assert all(count == 1 for count in receiver.counts.values())  # once each
+    therapies = 7
+    per_study: dict[str, dict[str, int]] = {}
+    for ds in receiver.received:
+        kinds = per_study.setdefault(str(ds.StudyInstanceUID), {})
+        kinds[str(ds.SOPClassUID)] = kinds.get(str(ds.SOPClassUID), 0) + 1
+    assert len(per_study) == 2
+    for kinds in per_study.values():
+        assert kinds[SEG] == therapies
+        assert kinds[SR] == therapies + 1  # one per therapy and the comparison
+    # Sending the same study again changes nothing: idempotent ingest, no new version.
+    again = storescu(node.port, files[:20])
+    assert again.returncode == 0
+    node.assembler.tick(now=1e12)
+    assert len(node.db.jobs()) == 2
+
+
+def _mr_dataset(sop_uid: str, study_uid: str | None = None) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "HOSTILE"
+    ds.PatientName = "Müller^Zoë"
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.Modality = "MR"
+    ds.Rows, ds.Columns = 4, 4
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = b"\0" * 32
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return ds
+
+
+def _send(port: int, ds: pydicom.Dataset, calling: str = "STORESCU") -> int:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MSFORECAST")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    return int(status.Status)
+
+
+def test_hostile_instances_are_refused_with_a_reason_and_the_node_keeps_serving(
+    node: Node,
+) -> None:
+    # A UID with path characters never becomes a path.
+    bad_uid = _mr_dataset("1.2.3")
+    bad_uid.StudyInstanceUID = "../../etc"
+    assert _send(node.port, bad_uid) == 0xC000
+    # Absurd dimensions.
+    huge = _mr_dataset(generate_uid())
+    huge.Rows, huge.Columns, huge.NumberOfFrames = 65535, 65535, 1000
+    assert _send(node.port, huge) == 0xC000
+    # Unicode patient names are stored fine.
+    unicode = _mr_dataset(generate_uid())
+    assert _send(node.port, unicode) == 0x0000
+    stored = next((node.config.storage.root / "instances").rglob("*.dcm"))
+    assert str(pydicom.dcmread(stored).PatientName) == "Müller^Zoë"
+    # The same instance twice: success, stored once.
+    assert _send(node.port, unicode) == 0x0000
+    assert len(list((node.config.storage.root / "instances").rglob("*.dcm"))) == 1
+    assert not list((node.config.storage.root).rglob("etc"))
+    refusals = [r for r in node.audit.records()]
+    assert refusals  # associations were audited
+    # Still serving.
+    ok = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "MSFORECAST", "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0
