@@ -18,6 +18,7 @@ from ms_forecast_node.assemble.studies import StudyAssembler
 from ms_forecast_node.config.settings import NodeConfig
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.jobs.worker import Worker
+from ms_forecast_node.metrics import NodeMetrics
 from ms_forecast_node.pipeline.run import ForecastPipeline, PipelineSettings
 from ms_forecast_node.receive.audit import AuditLog
 from ms_forecast_node.receive.ingest import Ingest
@@ -52,11 +53,12 @@ class Node:
         self.db = Database(config.storage.database_path)
         self.ingest = Ingest(config, self.db)
         self.audit = AuditLog(config.storage.root / "audit.jsonl")
-        self.scp = StorageSCP(config, self.ingest, self.audit)
+        self.metrics = NodeMetrics()
+        self.scp = StorageSCP(config, self.ingest, self.audit, metrics=self.metrics)
         self.assembler = StudyAssembler(config, self.db)
         factory = pipeline_factory or (lambda: ForecastPipeline(pipeline_settings(config)))
-        self.worker = Worker(config, self.db, factory)
-        self.sender = Sender(config, self.db)
+        self.worker = Worker(config, self.db, factory, metrics=self.metrics)
+        self.sender = Sender(config, self.db, metrics=self.metrics)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

@@ -20,6 +20,7 @@ import pydicom
 
 from ms_forecast_node.config.settings import NodeConfig
 from ms_forecast_node.errors import MSForecastError
+from ms_forecast_node.metrics import NodeMetrics
 from ms_forecast_node.pipeline.run import ForecastPipeline
 from ms_forecast_node.store.database import Database, JobState, OutboxState
 
@@ -32,7 +33,9 @@ class Worker:
         config: NodeConfig,
         db: Database,
         pipeline_factory: Callable[[], ForecastPipeline],
+        metrics: NodeMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or NodeMetrics()
         self.config = config
         self.db = db
         self._factory = pipeline_factory
@@ -73,10 +76,12 @@ class Worker:
             log.info("job %d superseded by a later version of the study", job_id)
             return job_id
         except MSForecastError as exc:
+            self.metrics.failures.labels(exc.reason).inc()
             log.error("job %d failed: %s", job_id, exc)
             self.db.set_job_state(job_id, JobState.FAILED, reason=exc.reason, message=str(exc))
             return job_id
         except Exception as exc:  # the node must keep serving whatever a study does
+            self.metrics.failures.labels("internal_error").inc()
             log.error("job %d failed unexpectedly: %s\n%s", job_id, exc, traceback.format_exc())
             self.db.set_job_state(
                 job_id,
@@ -87,6 +92,10 @@ class Worker:
             return job_id
         destination = job["destination"]
         timings = {**outcome.timings_s, "total_s": time.perf_counter() - started}
+        for name in ("load_s", "preprocess_s", "forecast_s", "outputs_s"):
+            if name in timings:
+                self.metrics.stage_seconds.labels(name.removesuffix("_s")).observe(timings[name])
+        self.metrics.forecast_seconds.observe(timings.get("forecast_s", 0.0))
         with self.db.transaction() as con:
             state = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
             if state == JobState.SUPERSEDED.value:

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ms_forecast_node.config.settings import NodeConfig
+from ms_forecast_node.metrics import NodeMetrics
 from ms_forecast_node.receive.audit import AssociationRecord, AuditLog
 from ms_forecast_node.receive.ingest import SUCCESS, Ingest
 from ms_forecast_node.receive.security import peer_refusal, server_context
@@ -51,11 +52,13 @@ class StorageSCP:
         audit: AuditLog,
         on_stored: Callable[[str], None] | None = None,
         extra_sop_classes: tuple[str, ...] = (),
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.config = config
         self.ingest = ingest
         self.audit = audit
         self.on_stored = on_stored
+        self.metrics = metrics or NodeMetrics()
         self._records: dict[int, AssociationRecord] = {}
         self._lock = threading.Lock()
         ae = AE(ae_title=config.listen.ae_title)
@@ -111,6 +114,7 @@ class StorageSCP:
         rec.outcome = outcome if rec.outcome == "open" else rec.outcome
         rec.reason = reason or rec.reason
         self.audit.write(rec)
+        self.metrics.associations.labels(rec.outcome).inc()
 
     def _on_requested(self, event: evt.Event) -> None:
         rec = self._record(event)
@@ -150,11 +154,13 @@ class StorageSCP:
             peer_host=rec.peer_host,
         )
         rec.bytes_received += len(raw)
+        self.metrics.bytes_received.inc(len(raw))
         if outcome.status == SUCCESS:
             if outcome.reason == "duplicate":
                 rec.duplicates += 1
             else:
                 rec.stored += 1
+                self.metrics.instances_received.inc()
             if outcome.study_uid and outcome.study_uid not in rec.studies:
                 rec.studies.append(outcome.study_uid)
             if self.on_stored is not None and outcome.study_uid:
@@ -162,6 +168,7 @@ class StorageSCP:
             return SUCCESS
         rec.refused += 1
         rec.refusals[outcome.reason] = rec.refusals.get(outcome.reason, 0) + 1
+        self.metrics.instances_refused.labels(outcome.reason).inc()
         log.warning(
             "C-STORE from %s refused (%s): %s", rec.calling_ae, outcome.reason, outcome.message
         )

@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from ms_forecast_node.config.settings import DestinationConfig, NodeConfig
+from ms_forecast_node.metrics import NodeMetrics
 from ms_forecast_node.receive.security import client_context
 from ms_forecast_node.store.database import Database, JobState, OutboxState
 
@@ -52,9 +53,12 @@ def echo(
 
 
 class Sender:
-    def __init__(self, config: NodeConfig, db: Database) -> None:
+    def __init__(
+        self, config: NodeConfig, db: Database, metrics: NodeMetrics | None = None
+    ) -> None:
         self.config = config
         self.db = db
+        self.metrics = metrics or NodeMetrics()
 
     def _backoff(self, attempts: int) -> float:
         s = self.config.sending
@@ -77,6 +81,7 @@ class Sender:
                 ),
             )
         if dead:
+            self.metrics.failures.labels("delivery_dead_letter").inc()
             log.error(
                 "giving up on %s after %d attempts: %s", row["sop_instance_uid"], attempts, error
             )
@@ -126,6 +131,7 @@ class Sender:
                             "WHERE id = ?",
                             (OutboxState.SENT.value, time.time(), int(row["id"])),
                         )
+                    self.metrics.objects_sent.inc()
                 else:
                     self._failed(row, f"C-STORE status 0x{code & 0xFFFF:04X}")
                 if not assoc.is_established:
@@ -144,7 +150,16 @@ class Sender:
         for name, rows in by_destination.items():
             self._send_batch(name, rows)
         self._close_jobs()
+        self._update_gauges()
         return len(due)
+
+    def _update_gauges(self) -> None:
+        outbox = self.db.outbox_counts()
+        for o in OutboxState:
+            self.metrics.outbox_depth.labels(o.value).set(outbox.get(o.value, 0))
+        jobs = self.db.job_counts()
+        for j in JobState:
+            self.metrics.jobs.labels(j.value).set(jobs.get(j.value, 0))
 
     def _close_jobs(self) -> None:
         rows = self.db.query(
