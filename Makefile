@@ -1,12 +1,13 @@
 # ms-forecast-node — set up, run and test on a fresh machine.
-#   make run    set everything up and run the main job on embedded defaults
+#   make run    set everything up and start the DICOM node (deploy/demo.yaml: loopback, port 11112)
+#   make demo   (in a second shell) send a simulated study to it and watch results arrive
 #   make test   set everything up and run lint, type checks and the whole test suite
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := dicom3tools mricron-data dcmtk
+SYSTEM_PACKAGES := dicom3tools mricron-data dcmtk openssl orthanc orthanc-dicomweb chromium nodejs npm
 
-.PHONY: setup system-deps run test lint typecheck pytest clean
+.PHONY: setup system-deps run demo test lint typecheck pytest clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +30,9 @@ system-deps:
 	fi
 
 run: setup system-deps
+	$(VENV)/bin/ms-forecast-node serve --config deploy/demo.yaml
+
+demo: setup system-deps
 	$(VENV)/bin/ms-forecast-node demo --out var/demo
 
 lint: setup

@@ -411,13 +411,34 @@ def reprocess_cmd(
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo.")] = Path("var/demo"),
+    node_port: Annotated[int, typer.Option(help="Port of the running node.")] = 11112,
+    receiver_port: Annotated[int, typer.Option(help="Port of the local results receiver.")] = 11113,
+    timeout_s: Annotated[float, typer.Option(help="How long to wait for results.")] = 1800.0,
 ) -> None:
-    """Simulate one two-visit study and its preview (the main job until the node exists)."""
-    simulate_study(out=out / "study", seed=1)
-    simulate_preview(out=out / "preview.png", seed=1)
-    typer.echo(f"DICOM study: {out / 'study' / 'dicom'}")
-    typer.echo(f"ground truth: {out / 'study' / 'truth'}  manifest: {out / 'study' / 'study.json'}")
-    typer.echo(f"preview: {out / 'preview.png'}")
+    """Send a simulated two-visit study to a running node (`make run`) and show the results
+    arriving at a local receiver (the PACS stand-in of deploy/demo.yaml)."""
+    from ms_forecast_node.demo import DemoReceiver, send_study, wait_for_results
+
+    study = out / "study"
+    if not (study / "study.json").is_file():
+        simulate_study(out=study, seed=1)
+    receiver = DemoReceiver(out / "received", receiver_port)
+    try:
+        files = sorted(p for p in (study / "dicom").rglob("*") if p.is_file())
+        typer.echo(f"sending {len(files)} instances (2 visits) to 127.0.0.1:{node_port} ...")
+        sent = send_study(files, node_port)
+        typer.echo(
+            f"{sent} instances acknowledged; waiting for the forecasts (quiet period, "
+            "registration, 7 therapies x 8 samples per visit) ..."
+        )
+        # Per study: SEG, SR and a key image per therapy, one comparison SR and one PDF.
+        wait_for_results(receiver, expected_min=2 * (3 * 7 + 2), timeout_s=timeout_s)
+    finally:
+        receiver.stop()
+    typer.echo(
+        f"results stored in {out / 'received'}; node state: ms-forecast-node status "
+        "--config deploy/demo.yaml"
+    )
 
 
 def main() -> None:

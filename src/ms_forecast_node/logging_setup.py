@@ -15,6 +15,11 @@ def configure_logging(level: str | int = "INFO") -> None:
     global _CONFIGURED
     root = logging.getLogger()
     root.setLevel(level)
+    # pynetdicom logs every PDU and DIMSE message at INFO: per-instance noise that costs
+    # ingest time. Its warnings and errors still come through; DEBUG shows everything.
+    numeric = level if isinstance(level, int) else logging.getLevelName(str(level).upper())
+    verbose = isinstance(numeric, int) and numeric <= logging.DEBUG
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
     if _CONFIGURED:
         return
     # Logs go to stderr so that stdout carries only a command's results (scripts parse it).
