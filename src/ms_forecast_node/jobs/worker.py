@@ -26,6 +26,9 @@ from ms_forecast_node.store.database import Database, JobState, OutboxState
 
 log = logging.getLogger(__name__)
 
+#: Runs of one job that may end with the process dying before the job is given up.
+MAX_RUNS = 3
+
 
 class Worker:
     def __init__(
@@ -54,6 +57,17 @@ class Worker:
         if job is None:
             return None
         job_id, study_uid, version = int(job["id"]), str(job["study_uid"]), int(job["version"])
+        if int(job["runs"]) >= MAX_RUNS:
+            # Each earlier run ended with the process dying (killed, out of memory): resuming
+            # it forever would keep the node from every other study.
+            self.metrics.failures.labels("job_crashed_repeatedly").inc()
+            self.db.set_job_state(
+                job_id,
+                JobState.FAILED,
+                reason="job_crashed_repeatedly",
+                message=f"the node stopped during this job {job['runs']} times",
+            )
+            return job_id
         with self.db.transaction() as con:
             con.execute("UPDATE jobs SET runs = runs + 1 WHERE id = ?", (job_id,))
         log.info(

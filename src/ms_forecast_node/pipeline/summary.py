@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ms_forecast_node.report.inputs import ReportInput, therapy_views
-from ms_forecast_node.report.keyimages import display_window, overlay_rgb
+from ms_forecast_node.report.keyimages import display_window
 from ms_forecast_node.report.templates import Templates
 
 if TYPE_CHECKING:
@@ -75,8 +75,10 @@ def summary_json(
 
 
 def write_montage(report_input: ReportInput, templates: Templates, path: Path) -> Path:
-    """One panel per therapy (ranked) on the same reference slice: the slice with the most
-    forecast voxels over all therapies, so the panels compare like with like."""
+    """One panel per therapy (ranked) on the same reference slice, so the panels compare like
+    with like: the therapy colour at the voxel probability (faint where few draws agree) and a
+    white outline around the binary forecast mask. The slice is the one with the most forecast
+    voxels over all therapies, else the most probability."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,33 +87,46 @@ def write_montage(report_input: ReportInput, templates: Templates, path: Path) -
     reference = report_input.reference
     views = therapy_views(report_input)
     union = np.zeros(reference.grid.shape, bool)
+    mass = np.zeros(reference.grid.shape[0], np.float64)
     for view in views:
         union |= view.native.mask
+        mass += view.native.probability.reshape(mass.size, -1).sum(axis=1)
     per_slice = union.reshape(union.shape[0], -1).sum(axis=1)
-    k = int(np.argmax(per_slice)) if per_slice.any() else reference.grid.shape[0] // 2
-    window = display_window(reference.pixels, (1.0, 99.5))
+    if per_slice.any():
+        k = int(np.argmax(per_slice))
+    elif mass.any():
+        k = int(np.argmax(mass))
+    else:
+        k = reference.grid.shape[0] // 2
+    lo, hi = display_window(reference.pixels, (1.0, 99.5))
+    grey = np.clip((reference.pixels[k] - lo) / (hi - lo), 0.0, 1.0)
     cols = min(4, len(views))
     rows = int(np.ceil(len(views) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.9 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, view in zip(axes.ravel(), views, strict=False):
-        rgb = templates.colour(view.key).as_rgb()
-        ax.imshow(overlay_rgb(reference.pixels[k], view.native.mask[k], rgb, 0.6, window))
+        rgb = np.asarray(templates.colour(view.key).as_rgb(), np.float64) / 255.0
+        alpha = np.clip(view.native.probability[k].astype(np.float64) * 1.6, 0.0, 0.85)[..., None]
+        image = (1.0 - alpha) * grey[..., None] + alpha * rgb[None, None, :]
+        ax.imshow(image, interpolation="nearest")
+        if view.native.mask[k].any():
+            ax.contour(view.native.mask[k], levels=[0.5], colors="white", linewidths=0.6)
         f = view.forecast
-        lo, hi = f.count_interval_90
+        lo_c, hi_c = f.count_interval_90
         ax.set_title(
             f"{templates.therapy(view.key).short_label}\n"
-            f"E[NET2] {f.expected_count:.1f} [{lo:.0f}-{hi:.0f}], "
+            f"E[NET2] {f.expected_count:.1f} [{lo_c:.0f}-{hi_c:.0f}], "
             f"P(act) {f.probability_of_activity:.2f}",
             fontsize=8,
         )
     fig.suptitle(
         f"{report_input.result.disclaimer} - {report_input.result.model_name} "
-        f"{report_input.result.model_version} - slice {k + 1}/{reference.grid.shape[0]}",
+        f"{report_input.result.model_version} - slice {k + 1}/{reference.grid.shape[0]} - "
+        "colour: share of draws, outline: forecast mask",
         fontsize=8,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96), h_pad=1.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
