@@ -136,7 +136,7 @@ def _send(port: int, ds: pydicom.Dataset, calling: str = "STORESCU") -> int:
 
 
 def test_hostile_instances_are_refused_with_a_reason_and_the_node_keeps_serving(
-    node: Node,
+    node: Node, tmp_path: Path
 ) -> None:
     # A UID with path characters never becomes a path.
     bad_uid = _mr_dataset("1.2.3")
@@ -155,8 +155,33 @@ def test_hostile_instances_are_refused_with_a_reason_and_the_node_keeps_serving(
     assert _send(node.port, unicode) == 0x0000
     assert len(list((node.config.storage.root / "instances").rglob("*.dcm"))) == 1
     assert not list((node.config.storage.root).rglob("etc"))
-    refusals = [r for r in node.audit.records()]
-    assert refusals  # associations were audited
+    # A truncated file, sent byte for byte as it is on disk.
+    whole = tmp_path / "whole.dcm"
+    complete = _mr_dataset(generate_uid())
+    complete.save_as(whole, enforce_file_format=True)
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(whole.read_bytes()[:-10])
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(MRImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="MSFORECAST")
+    assert int(assoc.send_c_store(truncated).Status) == 0xC000
+    assoc.release()
+    # A non-MR object (CT): its presentation context is refused, storescu says so.
+    ct = _mr_dataset(generate_uid())
+    ct.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ct.file_meta.MediaStorageSOPClassUID = ct.SOPClassUID
+    ct.file_meta.MediaStorageSOPInstanceUID = ct.SOPInstanceUID
+    ct.Modality = "CT"
+    ct.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+    refused = storescu(node.port, [tmp_path / "ct.dcm"])
+    assert refused.returncode != 0 or "No presentation context" in refused.stderr
+    assert len(list((node.config.storage.root / "instances").rglob("*.dcm"))) == 1
+    records = node.audit.records()
+    refusals: dict[str, int] = {}
+    for r in records:
+        for reason, n in r["refusals"].items():
+            refusals[reason] = refusals.get(reason, 0) + n
+    assert {"invalid_uid", "absurd_dimensions", "truncated_dataset"} <= set(refusals)
     # Still serving.
     ok = subprocess.run(
         [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "MSFORECAST", "127.0.0.1", str(node.port)],

@@ -42,6 +42,8 @@ HEADER_TAGS = [
     "Rows",
     "Columns",
     "NumberOfFrames",
+    "BitsAllocated",
+    "SamplesPerPixel",
 ]
 
 
@@ -77,6 +79,47 @@ def _make_dirs(path: Path) -> None:
     for d in reversed(missing):
         d.mkdir(exist_ok=True)
         _fsync_dir(d.parent)
+
+
+def _pixel_data_truncation(raw: bytes, position: int, ds: pydicom.Dataset) -> str | None:
+    """Why the pixel data element is shorter than it declares, or ``None``.
+
+    pydicom stops *before* the Pixel Data element, so ``position`` is where it starts; its
+    header says how many bytes follow (undefined length = encapsulated, checked on decoding).
+    """
+    if position >= len(raw):
+        return None  # no pixel data (e.g. a SEG's pixel data comes later, or none at all)
+    explicit = (
+        not ds.file_meta.TransferSyntaxUID.is_implicit_VR
+        if "TransferSyntaxUID" in ds.file_meta
+        else True
+    )
+    header = raw[position : position + (12 if explicit else 8)]
+    if len(header) < 8 or header[:4] != b"\xe0\x7f\x10\x00":
+        return None  # not the (7FE0,0010) element: nothing to check here
+    if explicit:
+        if len(header) < 12:
+            return "the Pixel Data element header is cut off"
+        length = int.from_bytes(header[8:12], "little")
+    else:
+        length = int.from_bytes(header[4:8], "little")
+    if length == 0xFFFFFFFF:
+        return None
+    available = len(raw) - position - len(header)
+    if available < length:
+        return f"Pixel Data declares {length} bytes, {available} received"
+    # A sender that decoded a truncated file re-encodes the shorter value with a consistent
+    # length: compare with what the image attributes need.
+    try:
+        bits = int(ds.get("BitsAllocated") or 0)
+        needed = int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0)
+        needed *= int(ds.get("NumberOfFrames") or 1) * int(ds.get("SamplesPerPixel") or 1)
+    except (TypeError, ValueError):
+        return None
+    needed = (needed * bits + 7) // 8
+    if bits and length < needed:
+        return f"Pixel Data holds {length} bytes, the image needs {needed}"
+    return None
 
 
 class Ingest:
@@ -116,10 +159,10 @@ class Ingest:
                 f"{free} bytes free, guard {self.config.storage.min_free_bytes}",
             )
         try:
-            ds = pydicom.dcmread(
-                io.BytesIO(raw), stop_before_pixels=True, specific_tags=HEADER_TAGS
-            )
+            fp = io.BytesIO(raw)
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS)
             header = {k: ds.get(k) for k in HEADER_TAGS}
+            truncation = _pixel_data_truncation(raw, fp.tell(), ds)
         except (InvalidDicomError, ValueError, EOFError, OSError, KeyError) as exc:
             return IngestOutcome(CANNOT_UNDERSTAND, "unparsable_dataset", str(exc)[:200])
         for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -152,6 +195,8 @@ class Ingest:
                 "absurd_dimensions",
                 f"{header['Rows']}x{header['Columns']}x{header['NumberOfFrames'] or 1} pixels",
             )
+        if truncation:
+            return IngestOutcome(CANNOT_UNDERSTAND, "truncated_dataset", truncation)
         sop = request_sop_instance
         study, series = str(header["StudyInstanceUID"]), str(header["SeriesInstanceUID"])
         if self.db.has_instance(sop):
