@@ -102,12 +102,14 @@ def write_montage(report_input: ReportInput, templates: Templates, path: Path) -
     grey = np.clip((reference.pixels[k] - lo) / (hi - lo), 0.0, 1.0)
     cols = min(4, len(views))
     rows = int(np.ceil(len(views) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 4.2 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, view in zip(axes.ravel(), views, strict=False):
         rgb = np.asarray(templates.colour(view.key).as_rgb(), np.float64) / 255.0
-        alpha = np.clip(view.native.probability[k].astype(np.float64) * 1.6, 0.0, 0.85)[..., None]
+        # One draw in eight already shows clearly (alpha 0.5): rare draws are what the reader
+        # needs to see when no voxel reaches the mask threshold.
+        alpha = np.clip(view.native.probability[k].astype(np.float64) * 4.0, 0.0, 0.9)[..., None]
         image = (1.0 - alpha) * grey[..., None] + alpha * rgb[None, None, :]
         ax.imshow(image, interpolation="nearest")
         if view.native.mask[k].any():
@@ -126,7 +128,7 @@ def write_montage(report_input: ReportInput, templates: Templates, path: Path) -
         "colour: share of draws, outline: forecast mask",
         fontsize=8,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.96), h_pad=1.5)
+    fig.tight_layout(rect=(0, 0, 1, 0.96), h_pad=3.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
