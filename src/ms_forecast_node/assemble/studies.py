@@ -33,7 +33,9 @@ class StudyAssembler:
         now = time.time() if now is None else now
         created = []
         for row in self.db.query(
-            "SELECT study_uid, calling_ae, last_received_at FROM studies WHERE dirty = 1"
+            # Priors fetched by C-MOVE are inputs of another study's job, not jobs themselves.
+            "SELECT study_uid, calling_ae, last_received_at FROM studies WHERE dirty = 1 "
+            "AND study_uid NOT IN (SELECT study_uid FROM retrieved_studies)"
         ):
             if now - float(row["last_received_at"]) < self.config.quiet_period(row["calling_ae"]):
                 continue

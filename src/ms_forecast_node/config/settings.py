@@ -115,6 +115,13 @@ class SendingConfig(_Strict):
     jitter: float = Field(0.2, ge=0.0, le=1.0)
 
 
+class PriorRetrievalConfig(_Strict):
+    """Fetch a prior study from a PACS (C-FIND/C-MOVE) when the node has none of the patient."""
+
+    source: str | None = None  # a destination name; None: only priors already received
+    max_studies: int = Field(1, ge=1, le=5)
+
+
 class StatusPageConfig(_Strict):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
@@ -133,6 +140,7 @@ class NodeConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     processing: ProcessingConfig = ProcessingConfig()
     sending: SendingConfig = SendingConfig()
+    prior_retrieval: PriorRetrievalConfig = PriorRetrievalConfig()
     status_page: StatusPageConfig = StatusPageConfig()
 
     @model_validator(mode="after")
@@ -141,12 +149,29 @@ class NodeConfig(_Strict):
         for peer in self.peers:
             if peer.destination is not None and peer.destination not in names:
                 raise ValueError(f"peer {peer.ae_title}: unknown destination {peer.destination!r}")
+        source = self.prior_retrieval.source
+        if source is not None and source not in names:
+            raise ValueError(f"prior_retrieval.source {source!r} is not a defined destination")
         if self.default_destination is not None and self.default_destination not in names:
             raise ValueError(f"default_destination {self.default_destination!r} is not defined")
         return self
 
     def peer(self, ae_title: str) -> PeerConfig | None:
-        return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
+        """The allowed peer with this AE title. The prior-retrieval PACS is one implicitly:
+        its C-MOVE sub-operations arrive as C-STOREs under its own title."""
+        found = next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
+        source = self.prior_retrieval.source
+        if found is None and source is not None:
+            dest = self.destinations[source]
+            if dest.ae_title == ae_title.strip():
+                found = PeerConfig(ae_title=dest.ae_title, destination=source)
+        return found
+
+    def allowed_calling_aes(self) -> list[str]:
+        titles = [p.ae_title for p in self.peers]
+        if self.prior_retrieval.source is not None:
+            titles.append(self.destinations[self.prior_retrieval.source].ae_title)
+        return sorted(set(titles))
 
     def quiet_period(self, calling_ae: str) -> float:
         peer = self.peer(calling_ae)

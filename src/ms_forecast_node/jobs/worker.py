@@ -22,6 +22,7 @@ from ms_forecast_node.config.settings import NodeConfig
 from ms_forecast_node.errors import MSForecastError
 from ms_forecast_node.metrics import NodeMetrics
 from ms_forecast_node.pipeline.run import ForecastPipeline
+from ms_forecast_node.retrieve.prior import retrieve_prior
 from ms_forecast_node.store.database import Database, JobState, OutboxState
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class Worker:
 
         out = self.derived_dir / study_uid / f"v{version}"
         try:
+            if not self.db.prior_study_files(study_uid):
+                retrieve_prior(self.config, self.db, study_uid)
             files = self.db.study_files(study_uid) + self.db.prior_study_files(study_uid)
             outcome = self.pipeline.run(
                 files, out, study_instance_uid=study_uid, study_version=version, on_stage=on_stage

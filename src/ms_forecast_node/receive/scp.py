@@ -69,7 +69,7 @@ class StorageSCP:
         if not config.accept_unknown_peers:
             # pynetdicom rejects unknown calling AEs itself (A-ASSOCIATE-RJ, reason 3); the
             # EVT_REQUESTED handler adds the per-peer host check.
-            ae.require_calling_aet = [p.ae_title for p in config.peers] or ["\x00NOBODY"]
+            ae.require_calling_aet = config.allowed_calling_aes() or ["\x00NOBODY"]
         ae.maximum_associations = config.limits.max_associations
         ae.maximum_pdu_size = config.limits.max_pdu_bytes
         ae.network_timeout = 60

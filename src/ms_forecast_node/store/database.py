@@ -88,6 +88,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (job_id, sop_instance_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS retrieved_studies (
+    study_uid TEXT PRIMARY KEY,
+    requested_at REAL NOT NULL
+);
 """
 
 
