@@ -67,6 +67,8 @@ def node_config(root: Path, receiver_port: int, **overrides: Any) -> NodeConfig:
         "storage": {"root": str(root), "min_free_bytes": 0},
         "processing": {"samples": 2, "steps": 2},
         "sending": {"backoff_initial_s": 0.5, "backoff_max_s": 2.0, "max_attempts": 4},
+        # A free port per node: tests run side by side and must not fight over 8080.
+        "status_page": {"port": 0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):

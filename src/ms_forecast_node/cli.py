@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import time
@@ -34,15 +35,24 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class LogFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+
+
 @app.callback()
 def main_callback(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(help="text, or json: one JSON object per line with study and job ids."),
+    ] = LogFormat.text,
     version: Annotated[
         Optional[bool],  # noqa: UP045 - typer needs Optional on Python 3.10
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = None,
 ) -> None:
-    configure_logging(log_level.upper())
+    configure_logging(log_level.upper(), log_format.value)
 
 
 def _config(grid_mm: float, horizon: float) -> object:
@@ -384,6 +394,51 @@ def status_cmd(config: ConfigOption = None, limit: int = 20) -> None:
         reason = f"  [{j['reason']}] {j['message'] or ''}" if j["reason"] else ""
         typer.echo(f"  #{j['id']} {j['study_uid']} v{j['version']}: {j['state']}{reason}")
     typer.echo(f"outbox: {db.outbox_counts() or 'empty'}")
+
+
+@app.command("retention")
+def retention_cmd(
+    days: Annotated[
+        int, typer.Option(min=1, help="Delete studies with no activity for more than N days.")
+    ],
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run/--apply", help="List what would go (default), or delete it."),
+    ] = True,
+    config: ConfigOption = None,
+) -> None:
+    """Delete received instances and derived outputs of studies idle for more than N days."""
+    from ms_forecast_node.config.settings import load_config
+    from ms_forecast_node.status.retention import apply_retention, plan_retention
+    from ms_forecast_node.store.database import Database
+
+    cfg = load_config(config)
+    db = Database(cfg.storage.database_path)
+    plan = plan_retention(cfg, db, days)
+    for item in plan:
+        idle = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(item.last_activity))
+        rows = ", ".join(f"{k} {v}" for k, v in item.rows.items() if v)
+        typer.echo(
+            f"study {item.study_uid}: last activity {idle}; {len(item.files)} files, "
+            f"{item.bytes} bytes; database rows: {rows}"
+        )
+        for entry in item.files:
+            typer.echo(f"  {entry.bytes:>12}  {entry.kind:<8}  {entry.path}")
+    n_files = sum(len(item.files) for item in plan)
+    total = sum(item.bytes for item in plan)
+    if dry_run:
+        typer.echo(
+            f"dry run: {len(plan)} studies, {n_files} files, {total} bytes would be deleted "
+            "(--apply deletes exactly these)"
+        )
+        return
+    outcome = apply_retention(cfg, db, plan)
+    for uid, why in outcome.skipped:
+        typer.echo(f"kept {uid}: {why}")
+    typer.echo(
+        f"deleted {len(outcome.deleted)} studies, {outcome.files_deleted} files, "
+        f"{outcome.bytes_freed} bytes"
+    )
 
 
 @app.command("reprocess")

@@ -16,6 +16,7 @@ from types import FrameType
 
 from ms_forecast_node.assemble.studies import StudyAssembler
 from ms_forecast_node.config.settings import NodeConfig
+from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.jobs.worker import Worker
 from ms_forecast_node.metrics import NodeMetrics
@@ -24,6 +25,7 @@ from ms_forecast_node.receive.audit import AuditLog
 from ms_forecast_node.receive.ingest import Ingest
 from ms_forecast_node.receive.scp import StorageSCP
 from ms_forecast_node.send.outbox import Sender
+from ms_forecast_node.status import StatusServer, start_status_server
 from ms_forecast_node.store.database import Database
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Node:
         factory = pipeline_factory or (lambda: ForecastPipeline(pipeline_settings(config)))
         self.worker = Worker(config, self.db, factory, metrics=self.metrics)
         self.sender = Sender(config, self.db, metrics=self.metrics)
+        self.status: StatusServer | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -76,6 +79,17 @@ class Node:
             log.warning(
                 "re-indexed %d instance files found on disk but not in the index", reindexed
             )
+        if self.config.status_page.enabled:
+            # Before the SCP: a status port already taken stops the start here, with nothing
+            # else listening yet (a node nobody can watch is a configuration error).
+            try:
+                self.status = start_status_server(self.config, self.db, self.metrics)
+            except OSError as exc:
+                page = self.config.status_page
+                raise ConfigurationError(
+                    f"status page cannot listen on {page.bind_address}:{page.port}: {exc} "
+                    "(set status_page.port, or status_page.enabled: false)"
+                ) from exc
         self.scp.start()
         for name, target in (
             ("assembler", self._assembler_loop),
@@ -96,6 +110,9 @@ class Node:
         for thread in self._threads:
             thread.join(timeout_s)
         self._threads.clear()
+        if self.status is not None:  # last: the page stays readable while work winds down
+            self.status.stop()
+            self.status = None
 
     def serve_forever(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:

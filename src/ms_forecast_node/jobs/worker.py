@@ -71,8 +71,14 @@ class Worker:
             return job_id
         with self.db.transaction() as con:
             con.execute("UPDATE jobs SET runs = runs + 1 WHERE id = ?", (job_id,))
+        context = {"job_id": job_id, "study_uid": study_uid, "study_version": version}
         log.info(
-            "job %d: study %s version %d (run %d)", job_id, study_uid, version, job["runs"] + 1
+            "job %d: study %s version %d (run %d)",
+            job_id,
+            study_uid,
+            version,
+            job["runs"] + 1,
+            extra=context,
         )
         started = time.perf_counter()
 
@@ -90,16 +96,22 @@ class Worker:
                 files, out, study_instance_uid=study_uid, study_version=version, on_stage=on_stage
             )
         except _SupersededError:
-            log.info("job %d superseded by a later version of the study", job_id)
+            log.info("job %d superseded by a later version of the study", job_id, extra=context)
             return job_id
         except MSForecastError as exc:
             self.metrics.failures.labels(exc.reason).inc()
-            log.error("job %d failed: %s", job_id, exc)
+            log.error("job %d failed: %s", job_id, exc, extra={**context, "reason": exc.reason})
             self.db.set_job_state(job_id, JobState.FAILED, reason=exc.reason, message=str(exc))
             return job_id
         except Exception as exc:  # the node must keep serving whatever a study does
             self.metrics.failures.labels("internal_error").inc()
-            log.error("job %d failed unexpectedly: %s\n%s", job_id, exc, traceback.format_exc())
+            log.error(
+                "job %d failed unexpectedly: %s\n%s",
+                job_id,
+                exc,
+                traceback.format_exc(),
+                extra={**context, "reason": "internal_error"},
+            )
             self.db.set_job_state(
                 job_id,
                 JobState.FAILED,

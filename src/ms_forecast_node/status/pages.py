@@ -168,7 +168,14 @@ def _job_rows(jobs: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def overview_page(data: Overview, destinations: list[DestinationRow]) -> str:
+def overview_page(
+    data: Overview,
+    destinations: list[DestinationRow],
+    refusals: Mapping[str, int],
+    failures_since_start: Mapping[str, int],
+) -> str:
+    """``refusals`` and ``failures_since_start``: counts by reason from the metrics (memory
+    only: refusals have no database row, the audit log holds each one)."""
     studies = [
         [
             f'<td class="uid"><a href="{e(study_href(s["study_uid"]))}">{e(s["study_uid"])}</a>'
@@ -220,7 +227,9 @@ def overview_page(data: Overview, destinations: list[DestinationRow]) -> str:
             _job_rows(data.jobs),
             "no jobs yet",
         )
-        + f"<h2>Failures</h2><p>By reason: {counts(data.failure_reasons)}</p>"
+        + f"<h2>Failures</h2><p>Failed jobs by reason: {counts(data.failure_reasons)}</p>"
+        + f"<p>Since the node started — failures by reason: {counts(failures_since_start)}; "
+        f"refused C-STORE requests by reason: {counts(refusals)} (details in audit.jsonl)</p>"
         + table(["job", "study", "reason", "message", "when"], failures, "no failed jobs")
         + "<h2>Outbox dead letters</h2>"
         + table(
@@ -233,10 +242,13 @@ def overview_page(data: Overview, destinations: list[DestinationRow]) -> str:
 
 
 def config_page(redacted: Mapping[str, Any]) -> str:
-    text = json.dumps(redacted, indent=2, sort_keys=False)
+    import yaml
+
+    # YAML, as in the configuration file and `ms-forecast-node config check`.
+    text = yaml.safe_dump(dict(redacted), sort_keys=False, allow_unicode=True)
     body = (
         "<p>The effective configuration (file, environment overrides and defaults), "
-        "secrets masked.</p>"
+        "secrets masked — the same as <code>ms-forecast-node config check</code> prints.</p>"
         f"<pre>{e(text)}</pre>"
     )
     return layout("Configuration", body)

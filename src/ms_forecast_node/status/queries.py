@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
+
 from ms_forecast_node.config.settings import NodeConfig
 from ms_forecast_node.metrics import NodeMetrics
 from ms_forecast_node.store.database import Database, JobState, OutboxState
@@ -137,6 +139,17 @@ def study_result(db: Database, study_uid: str, version: int | None = None) -> St
 def output_dir(config: NodeConfig, study_uid: str, version: int) -> Path:
     """Where the worker wrote a job's outputs (``study_uid`` must be a checked UID)."""
     return config.storage.root / "derived" / study_uid / f"v{int(version)}"
+
+
+def counts_by_label(counter: Counter) -> dict[str, int]:
+    """A labelled counter's totals per label value (since the node started)."""
+    totals: dict[str, int] = {}
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels:
+                label = next(iter(sample.labels.values()))
+                totals[label] = totals.get(label, 0) + int(sample.value)
+    return totals
 
 
 def refresh_gauges(db: Database, metrics: NodeMetrics) -> None:

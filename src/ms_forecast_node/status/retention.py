@@ -9,7 +9,9 @@ unindexed files that the node's start-up re-index would bring back as a new stud
 
 A study is kept while anything is still happening to it: a job that is not finished, an
 outbox object still to send, or instances inside their quiet period. Its last activity is the
-latest of: instance received, version created, job updated, object sent.
+latest of: instance received, version created, job updated, object sent, prior retrieval
+requested. A prior study is a study like any other: once it is older than N days it goes even
+if a newer study of the patient is kept (reprocessing that one then runs without its prior).
 """
 
 from __future__ import annotations
@@ -72,11 +74,15 @@ def _study_state(db: Database, study_uid: str) -> tuple[float, str | None] | Non
               UNION ALL SELECT MAX(created_at) FROM study_versions WHERE study_uid = ?
               UNION ALL SELECT MAX(updated_at) FROM jobs WHERE study_uid = ?
               UNION ALL SELECT MAX(o.sent_at) FROM outbox o JOIN jobs j ON j.id = o.job_id
-                        WHERE j.study_uid = ?)""",
-        (float(rows[0]["last_received_at"]), study_uid, study_uid, study_uid),
+                        WHERE j.study_uid = ?
+              UNION ALL SELECT MAX(requested_at) FROM retrieved_studies WHERE study_uid = ?)""",
+        (float(rows[0]["last_received_at"]), study_uid, study_uid, study_uid, study_uid),
     )
     last = float(activity[0][0])
-    if int(rows[0]["dirty"]):
+    # A prior fetched by C-MOVE stays "dirty" for good (the assembler never makes it a job),
+    # so for those only the age counts.
+    retrieved = db.query("SELECT 1 FROM retrieved_studies WHERE study_uid = ?", (study_uid,))
+    if int(rows[0]["dirty"]) and not retrieved:
         return last, "instances waiting for their quiet period"
     running = db.query(
         f"SELECT COUNT(*) FROM jobs WHERE study_uid = ? AND state NOT IN ({marks})",
@@ -126,6 +132,7 @@ def _row_counts(db: Database, study_uid: str) -> dict[str, int]:
         "outbox": count(
             "SELECT COUNT(*) FROM outbox WHERE job_id IN (SELECT id FROM jobs WHERE study_uid = ?)"
         ),
+        "retrieved_studies": count("SELECT COUNT(*) FROM retrieved_studies WHERE study_uid = ?"),
         "studies": 1,
     }
 
@@ -144,7 +151,7 @@ def plan_retention(
     now = time.time() if now is None else now
     cutoff = now - days * _DAY_S
     items = []
-    for row in db.query("SELECT study_uid FROM studies ORDER BY last_received_at"):
+    for row in db.query("SELECT study_uid FROM studies ORDER BY last_received_at, study_uid"):
         uid = str(row["study_uid"])
         if not valid_uid(uid):  # the index only holds checked UIDs; never build a path anyway
             log.warning("retention: study %r has no valid UID; left alone", uid)
@@ -154,14 +161,24 @@ def plan_retention(
             continue
         instances_dir, derived_dir = _study_folders(config, uid)
         files = _walk(instances_dir, "instance") | _walk(derived_dir, "derived")
-        for r in db.query("SELECT path, size FROM instances WHERE study_uid = ?", (uid,)):
-            path = Path(r["path"])
-            if path in files:
-                continue
-            if _inside(path, instances_dir):
-                # Indexed but gone from disk: nothing to free, the row still goes.
-                continue
-            log.warning("retention: %s lies outside %s; its file is not deleted", path, uid)
+        # Indexed files missing from the study's folder are either gone (nothing to free; the
+        # row still goes) or elsewhere (storage.root moved): those are never deleted.
+        indexed = db.query("SELECT path FROM instances WHERE study_uid = ?", (uid,))
+        outside = [
+            p
+            for p in (Path(r["path"]) for r in indexed)
+            if p not in files and not _inside(p, instances_dir)
+        ]
+        if outside:
+            log.warning(
+                "retention: %d indexed files of study %s lie outside %s (e.g. %s); "
+                "they are not deleted, their rows are",
+                len(outside),
+                uid,
+                instances_dir,
+                outside[0],
+                extra={"study_uid": uid},
+            )
         items.append(
             RetentionItem(
                 study_uid=uid,
@@ -186,6 +203,7 @@ def _delete_rows(db: Database, study_uid: str, files: set[str], whole_study: boo
         con.execute("DELETE FROM jobs WHERE study_uid = ?", (study_uid,))
         con.execute("DELETE FROM study_versions WHERE study_uid = ?", (study_uid,))
         con.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
+        con.execute("DELETE FROM retrieved_studies WHERE study_uid = ?", (study_uid,))
         con.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
 
 

@@ -36,8 +36,10 @@ from ms_forecast_node.store.database import Database
 
 log = logging.getLogger(__name__)
 
-#: Security headers on every response: no scripts, no framing, no referrer (the URL may carry
-#: ``?token=``), no caching of patient-related pages.
+#: Security headers on every response: no scripts, no framing, no caching of patient-related
+#: pages, and no referrer to other sites (the URL may carry ``?token=``). "same-origin" rather
+#: than "no-referrer": under the latter browsers send ``Origin: null`` on our own form POSTs,
+#: which the cross-origin check must refuse.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
@@ -45,7 +47,7 @@ SECURITY_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 _INDEX = re.compile(r"^[1-9][0-9]{0,2}\.png$")
@@ -108,7 +110,13 @@ class StatusApp:
             )
             for name, d in self.config.destinations.items()
         ]
-        return _html(200, pages.overview_page(queries.overview(self.db), rows))
+        page = pages.overview_page(
+            queries.overview(self.db),
+            rows,
+            queries.counts_by_label(self.metrics.instances_refused),
+            queries.counts_by_label(self.metrics.failures),
+        )
+        return _html(200, page)
 
     def _study(self, uid: str, rest: list[str], query: dict[str, list[str]]) -> Response:
         # The UID is checked before any lookup: it later names a folder under storage.root.
@@ -247,10 +255,10 @@ class _Handler(BaseHTTPRequestHandler):
         # UID check) instead of changing the route.
         path = [unquote(segment) for segment in parts.path.split("/") if segment]
         try:
-            if method == "GET" and path == ["healthz"]:
+            if method in ("GET", "HEAD") and path == ["healthz"]:
                 # Unauthenticated on purpose: probes (systemd, Docker, load balancers) carry
                 # no credentials, and the answer reveals nothing but "up".
-                self._send(self._health())
+                self._send(self._health(), head_only=method == "HEAD")
                 return
             refusal = self._gate(query)
             if refusal is not None:
@@ -286,8 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._server.app.db.close()  # this thread's connection; the thread ends now
 
     def _same_origin(self) -> bool:
-        """Browsers send Origin on POST; a form on another site must not trigger echoes.
-        Non-browser clients send none and are let through (they need the token anyway)."""
+        """Browsers send Origin on POST, so a form on another site cannot trigger echoes
+        (``Origin: null`` is refused too). Clients without Origin are not browsers, so not
+        the cross-site threat; they still passed the token check."""
         origin = self.headers.get("Origin")
         if origin is None:
             return True
@@ -356,7 +365,12 @@ def start_status_server(
     httpd.app = StatusApp(config, db, metrics, EchoBook(config, destinations_echo))
     httpd.token = settings.token
     httpd.bind_address = settings.bind_address
-    thread = threading.Thread(target=httpd.serve_forever, name="msfn-status", daemon=True)
+    thread = threading.Thread(
+        # A short poll so stop() (which waits for the loop to notice) returns promptly.
+        target=lambda: httpd.serve_forever(poll_interval=0.1),
+        name="msfn-status",
+        daemon=True,
+    )
     thread.start()
     server = StatusServer(httpd, thread)
     log.info("status page on %s", server.url)
