@@ -190,3 +190,37 @@ def test_hostile_instances_are_refused_with_a_reason_and_the_node_keeps_serving(
         check=False,
     )
     assert ok.returncode == 0
+
+
+def test_a_job_waits_while_another_study_of_the_patient_is_arriving(tmp_path: Path) -> None:
+    from ms_forecast_node.assemble.studies import StudyAssembler
+    from ms_forecast_node.store.database import Database, InstanceRecord
+
+    config = node_config(tmp_path / "node", 1)
+    db = Database(tmp_path / "state.sqlite")
+
+    def add(study: str, sop: str, now: float) -> None:
+        db.add_instance(
+            InstanceRecord(
+                sop,
+                MRImageStorage,
+                study,
+                study + ".1",
+                "P1",
+                "MR",
+                f"/x/{sop}",
+                1,
+                "STORESCU",
+                "127.0.0.1",
+            ),
+            now=now,
+        )
+
+    add("1.2.3", "1.2.3.1.1", now=100.0)  # follow-up, complete
+    add("1.2.4", "1.2.4.1.1", now=130.0)  # baseline of the same patient, still arriving
+    assembler = StudyAssembler(config, db)
+    assert assembler.tick(now=102.0)  # the follow-up's quiet period (1 s) has passed
+    assert db.next_runnable_job() is None  # ... but its prior is still arriving
+    assembler.tick(now=140.0)
+    job = db.next_runnable_job()
+    assert job is not None and job["study_uid"] == "1.2.3"

@@ -10,6 +10,8 @@ are not UIDs, absurd dimensions). Peers that are not configured are rejected at 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -177,6 +179,54 @@ class StorageSCP:
         status.ErrorComment = f"{outcome.reason}: {outcome.message}"[:64]
         return status
 
+    def _tls_failed(self, address: tuple[str, int], exc: Exception) -> None:
+        """A caller that never completed the TLS handshake: audited like any refusal."""
+        rec = AssociationRecord(
+            association_id=f"tls-{address[0]}-{address[1]}-{time.time():.6f}",
+            calling_ae="",
+            called_ae="",
+            peer_host=str(address[0]),
+            peer_port=int(address[1]),
+            tls=True,
+            ended_at=time.time(),
+            outcome="rejected",
+            reason=f"tls_handshake_failed: {exc}"[:200],
+        )
+        self.audit.write(rec)
+        self.metrics.associations.labels("rejected").inc()
+        log.warning("TLS handshake with %s:%d failed: %s", address[0], address[1], exc)
+
+    def _defer_tls_handshake(self, server: ThreadedAssociationServer) -> None:
+        """pynetdicom wraps accepted sockets with the handshake done in its accept loop and no
+        timeout, so one caller that connects and stays silent blocks every other caller. Accept
+        without the handshake and run it, bounded by the network timeout, in the
+        association's own thread."""
+        context = server.ssl_context
+        assert context is not None
+        listener = server.socket
+        assert listener is not None  # bound by start_server
+        timeout_s = float(self.ae.network_timeout or 60)
+        process = server.process_request_thread
+
+        def get_request() -> tuple[socket.socket, tuple[str, int]]:
+            client, address = listener.accept()
+            client.settimeout(timeout_s)
+            wrapped = context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+            return wrapped, address
+
+        def process_request_thread(request: Any, client_address: Any) -> None:
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as exc:  # includes the timeout
+                self._tls_failed(client_address, exc)
+                server.shutdown_request(request)
+                return
+            request.settimeout(None)  # as before: pynetdicom's own timeouts apply from here
+            process(request, client_address)
+
+        server.get_request = get_request  # type: ignore[method-assign]
+        server.process_request_thread = process_request_thread  # type: ignore[method-assign]
+
     # --- server -------------------------------------------------------------------------------
     def start(self) -> ThreadedAssociationServer:
         listen = self.config.listen
@@ -196,6 +246,8 @@ class StorageSCP:
             ssl_context=server_context(listen.tls),
         )
         assert server is not None  # block=False returns the server
+        if server.ssl_context is not None:
+            self._defer_tls_handshake(server)
         self.server = server
         log.info(
             "listening as %s on %s:%d%s",

@@ -274,9 +274,18 @@ class Database:
         return self.query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
 
     def next_runnable_job(self) -> sqlite3.Row | None:
+        """The oldest runnable job whose patient has no other study still arriving: a
+        follow-up routed before (or beside) its baseline waits for the baseline's quiet
+        period, so it is never forecast with half a prior."""
         marks = ",".join("?" for _ in RUNNABLE)
         rows = self.query(
-            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id LIMIT 1",
+            f"""SELECT j.* FROM jobs j JOIN studies s ON s.study_uid = j.study_uid
+                WHERE j.state IN ({marks}) AND NOT EXISTS (
+                    SELECT 1 FROM studies o
+                    WHERE o.patient_id = s.patient_id AND o.study_uid != s.study_uid
+                      AND o.dirty = 1
+                      AND o.study_uid NOT IN (SELECT study_uid FROM retrieved_studies))
+                ORDER BY j.id LIMIT 1""",
             tuple(s.value for s in RUNNABLE),
         )
         return rows[0] if rows else None
