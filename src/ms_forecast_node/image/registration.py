@@ -89,14 +89,14 @@ def _downsampled(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     )
 
 
-def _method(sampling: float, seed: int) -> sitk.ImageRegistrationMethod:
+def _method(sampling: float, seed: int, learning_rate: float = 2.0) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(sampling, seed)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0,
+        learningRate=learning_rate,
         minStep=1e-3,
         numberOfIterations=200,
         relaxationFactor=0.6,
@@ -227,15 +227,8 @@ def register_to_template(
         versor.SetMatrix(euler.GetMatrix())
         scaled.SetRotation(versor.GetVersor())
         scaled.SetTranslation(euler.GetTranslation())
-        reg = _method(0.1, seed)
-        reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=1.0,
-            minStep=1e-3,
-            numberOfIterations=200,
-            relaxationFactor=0.6,
-            gradientMagnitudeTolerance=1e-6,
-        )
-        reg.SetOptimizerScalesFromPhysicalShift()
+        # Smaller steps: scale parameters are more sensitive than rotations and shifts.
+        reg = _method(0.1, seed, learning_rate=1.0)
         reg.SetShrinkFactorsPerLevel([2, 1])
         reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
         reg.SetInitialTransform(scaled, inPlace=True)
