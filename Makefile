@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := dicom3tools mricron-data dcmtk openssl orthanc orthanc-dicomweb chromium nodejs npm
+SYSTEM_PACKAGES := dicom3tools mricron-data dcmtk openssl orthanc orthanc-dicomweb chromium fonts-liberation
 
 .PHONY: setup system-deps run demo test lint typecheck pytest clean
 
