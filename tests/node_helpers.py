@@ -46,7 +46,7 @@ class Receiver:
             return 0x0000
 
         self._server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
         )
         self.port = int(self._server.server_address[1])
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -74,6 +75,7 @@ class Node:
             self._stop.wait(0.5)
 
     def start(self) -> None:
+        self.assembler.quiet_from = time.time()
         reindexed = self.ingest.reindex_orphans()
         if reindexed:
             log.warning(

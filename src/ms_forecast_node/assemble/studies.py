@@ -27,6 +27,10 @@ class StudyAssembler:
     def __init__(self, config: NodeConfig, db: Database) -> None:
         self.config = config
         self.db = db
+        # No quiet period ends before this (the node sets its start time): a study cut by a
+        # crash or a stop is assembled only after its sender has had a quiet period to resend,
+        # not at once from what the crash left.
+        self.quiet_from = 0.0
 
     def tick(self, now: float | None = None) -> list[int]:
         """Turn every quiet, changed study into a new version and job; returns job ids."""
@@ -37,7 +41,8 @@ class StudyAssembler:
             "SELECT study_uid, calling_ae, last_received_at FROM studies WHERE dirty = 1 "
             "AND study_uid NOT IN (SELECT study_uid FROM retrieved_studies)"
         ):
-            if now - float(row["last_received_at"]) < self.config.quiet_period(row["calling_ae"]):
+            last = max(float(row["last_received_at"]), self.quiet_from)
+            if now - last < self.config.quiet_period(row["calling_ae"]):
                 continue
             job_id = self.new_version(str(row["study_uid"]), force=False, now=now)
             if job_id is not None:

@@ -125,6 +125,14 @@ class Worker:
             if name in timings:
                 self.metrics.stage_seconds.labels(name.removesuffix("_s")).observe(timings[name])
         self.metrics.forecast_seconds.observe(timings.get("forecast_s", 0.0))
+        # Read the outputs' UIDs before taking SQLite's write lock: C-STORE handlers index
+        # received instances under the same lock.
+        queued: list[tuple[str, str, str]] = []  # SOP Instance UID, SOP Class UID, file
+        for path in outcome.files:
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+            )
+            queued.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(Path(path))))
         with self.db.transaction() as con:
             state = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
             if state == JobState.SUPERSEDED.value:
@@ -142,24 +150,29 @@ class Worker:
                 )
                 return job_id
             now = time.time()
-            for path in outcome.files:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            for sop_instance_uid, sop_class_uid, stored in queued:
                 con.execute(
                     """INSERT OR IGNORE INTO outbox (job_id, sop_instance_uid, sop_class_uid, path,
                            destination, state, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)""",
                     (
                         job_id,
-                        str(ds.SOPInstanceUID),
-                        str(ds.SOPClassUID),
-                        str(Path(path)),
+                        sop_instance_uid,
+                        sop_class_uid,
+                        stored,
                         destination,
                         OutboxState.PENDING.value,
                         now,
                     ),
                 )
-        self.db.set_job_state(
-            job_id, JobState.SENDING, stage_seconds=timings, summary=outcome.summary
-        )
+            # Same transaction as the rows (as the module docstring says): a crash leaves the
+            # job either runnable with no rows or `sending` with all of them.
+            self.db.set_job_state(
+                job_id,
+                JobState.SENDING,
+                stage_seconds=timings,
+                summary=outcome.summary,
+                con=con,
+            )
         return job_id
 
     def _superseded(self, job_id: int) -> bool:

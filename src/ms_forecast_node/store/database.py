@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,8 +243,10 @@ class Database:
         message: str | None = None,
         stage_seconds: dict[str, float] | None = None,
         summary: dict[str, Any] | None = None,
+        con: sqlite3.Connection | None = None,
     ) -> None:
-        with self.transaction() as con:
+        """``con``: inside the caller's open transaction (else in a transaction of its own)."""
+        with nullcontext(con) if con is not None else self.transaction() as con:
             row = con.execute("SELECT stages FROM jobs WHERE id = ?", (job_id,)).fetchone()
             stages = json.loads(row[0]) if row else {}
             stages.update(stage_seconds or {})
