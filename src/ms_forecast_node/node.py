@@ -57,7 +57,13 @@ class Node:
         self.ingest = Ingest(config, self.db)
         self.audit = AuditLog(config.storage.root / "audit.jsonl")
         self.metrics = NodeMetrics()
-        self.scp = StorageSCP(config, self.ingest, self.audit, metrics=self.metrics)
+        self.scp = StorageSCP(
+            config,
+            self.ingest,
+            self.audit,
+            metrics=self.metrics,
+            extra_sop_classes=config.listen.extra_sop_classes,
+        )
         self.assembler = StudyAssembler(config, self.db)
         factory = pipeline_factory or (lambda: ForecastPipeline(pipeline_settings(config)))
         self.worker = Worker(config, self.db, factory, metrics=self.metrics)

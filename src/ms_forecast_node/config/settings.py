@@ -53,6 +53,19 @@ class ListenConfig(_Strict):
     bind_address: str = "127.0.0.1"
     port: int = Field(11112, ge=0, le=65535)  # 0: a free port (tests)
     require_called_ae: bool = True
+    # Storage SOP Class UIDs accepted besides MR, Enhanced MR and Segmentation (e.g. to keep
+    # a PACS from failing a whole routed study on its Secondary Captures). They are stored,
+    # never processed.
+    extra_sop_classes: tuple[str, ...] = ()
+
+    @field_validator("extra_sop_classes")
+    @classmethod
+    def _uids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [v for v in value if not re.match(r"^[0-9]+(\.[0-9]+)*$", v) or len(v) > 64]
+        if bad:
+            raise ValueError(f"not SOP Class UIDs: {bad}")
+        return value
+
     tls: TLSConfig = TLSConfig()
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae(v)))
