@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -18,7 +20,7 @@ from ms_forecast_node.anatomy.locations import LocationClass
 from ms_forecast_node.forecast.result import ForecastLesion, ForecastResult, TherapyForecast
 from ms_forecast_node.image.geometry import Grid
 from ms_forecast_node.image.series import SeriesVolume, read_series
-from ms_forecast_node.report.build import OutputObject, build_outputs
+from ms_forecast_node.report.build import OutputObject, build_outputs, write_outputs
 from ms_forecast_node.report.inputs import NativeTherapyForecast, ReportInput
 from ms_forecast_node.report.templates import OutputKind, Templates, load_templates
 
@@ -181,3 +183,31 @@ def make_report_input(
         study_version=study_version,
         lesion_mask_source="builtin_segmenter",
     )
+
+
+@dataclass(frozen=True)
+class WrittenCase:
+    """The cached outputs of one reference series, written to files (one test module's case)."""
+
+    name: str
+    report_input: ReportInput
+    objects: tuple[OutputObject, ...]
+    files: dict[tuple[str, str | None, int], Path]
+
+    def path(self, kind: OutputKind, therapy: str | None, instance: int = 1) -> Path:
+        return self.files[(kind.value, therapy, instance)]
+
+    def dataset(self, kind: OutputKind, therapy: str | None) -> Any:
+        return next(o.dataset for o in self.objects if o.kind is kind and o.therapy == therapy)
+
+
+def written_case(study: Path, name: str, out: Path) -> WrittenCase:
+    """``name``: ``enhanced_flair`` (multi-frame reference) or ``classic_t2`` (single-frame)."""
+    folder = study / (FLAIR_FOLDER if name == "enhanced_flair" else T2_FOLDER)
+    objects = cached_outputs(folder)
+    paths = write_outputs(objects, out)
+    files = {
+        (o.kind.value, o.therapy, int(o.dataset.InstanceNumber)): p
+        for o, p in zip(objects, paths, strict=True)
+    }
+    return WrittenCase(name, cached_input(folder), objects, files)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import SimpleITK as sitk
 
 from ms_forecast_node import __version__
 from ms_forecast_node.image.geometry import Grid
-from ms_forecast_node.report.build import OutputObject, write_outputs
 from ms_forecast_node.report.inputs import ReportInput
 from ms_forecast_node.report.keyimages import overlay_rgb
 from ms_forecast_node.report.templates import OutputKind
@@ -27,26 +25,16 @@ from ms_forecast_node.report.templates import OutputKind
 from .report_fixtures import (
     EMPTY_THERAPY,
     FIXTURE_MODEL,
-    FLAIR_FOLDER,
-    T2_FOLDER,
-    cached_input,
-    cached_outputs,
+    WrittenCase,
     cached_templates,
+    written_case,
 )
 
 SEGIMAGE2ITKIMAGE = Path(sys.executable).parent / "segimage2itkimage"
 DISCLAIMER_ASCII = "RESEARCH FORECAST - NOT FOR DIAGNOSTIC USE"
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    report_input: ReportInput
-    objects: tuple[OutputObject, ...]
-    files: dict[tuple[str, str | None, int], Path]
-
-    def path(self, kind: OutputKind, therapy: str | None, instance: int = 1) -> Path:
-        return self.files[(kind.value, therapy, instance)]
+Case = WrittenCase
 
 
 @pytest.fixture(scope="module", params=["enhanced_flair", "classic_t2"])
@@ -56,14 +44,7 @@ def case(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Case:
     study, _ = simulated_study
-    folder = study / (FLAIR_FOLDER if request.param == "enhanced_flair" else T2_FOLDER)
-    objects = cached_outputs(folder)
-    paths = write_outputs(objects, tmp_path_factory.mktemp(f"seg_{request.param}"))
-    files = {
-        (o.kind.value, o.therapy, int(o.dataset.InstanceNumber)): p
-        for o, p in zip(objects, paths, strict=True)
-    }
-    return Case(request.param, cached_input(folder), objects, files)
+    return written_case(study, request.param, tmp_path_factory.mktemp(f"seg_{request.param}"))
 
 
 def seg_on_grid(seg: hd.seg.Segmentation, report_input: ReportInput) -> np.ndarray:

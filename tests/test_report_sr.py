@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,20 @@ import numpy as np
 import pytest
 
 from ms_forecast_node import __version__
-from ms_forecast_node.report.build import OutputObject, build_outputs, write_outputs
+from ms_forecast_node.report.build import build_outputs
 from ms_forecast_node.report.inputs import ReportInput
 from ms_forecast_node.report.templates import OutputKind, Templates
 
 from .report_fixtures import (
     EMPTY_THERAPY,
     FIXTURE_MODEL,
-    FLAIR_FOLDER,
     T2_FOLDER,
+    WrittenCase,
     cached_input,
     cached_outputs,
     cached_templates,
     make_report_input,
+    written_case,
 )
 
 TID1500READER = Path(sys.executable).parent / "tid1500reader"
@@ -36,17 +36,7 @@ DISCLAIMER_ASCII = "RESEARCH FORECAST - NOT FOR DIAGNOSTIC USE"
 REL = 1e-9
 
 
-@dataclass(frozen=True)
-class Case:
-    report_input: ReportInput
-    objects: tuple[OutputObject, ...]
-    files: dict[tuple[str, str | None, int], Path]
-
-    def path(self, kind: OutputKind, therapy: str | None) -> Path:
-        return self.files[(kind.value, therapy, 1)]
-
-    def dataset(self, kind: OutputKind, therapy: str | None) -> Any:
-        return next(o.dataset for o in self.objects if o.kind is kind and o.therapy == therapy)
+Case = WrittenCase
 
 
 @pytest.fixture(scope="module", params=["enhanced_flair", "classic_t2"])
@@ -56,14 +46,7 @@ def case(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Case:
     study, _ = simulated_study
-    folder = study / (FLAIR_FOLDER if request.param == "enhanced_flair" else T2_FOLDER)
-    objects = cached_outputs(folder)
-    paths = write_outputs(objects, tmp_path_factory.mktemp(f"sr_{request.param}"))
-    files = {
-        (o.kind.value, o.therapy, int(o.dataset.InstanceNumber)): p
-        for o, p in zip(objects, paths, strict=True)
-    }
-    return Case(cached_input(folder), objects, files)
+    return written_case(study, request.param, tmp_path_factory.mktemp(f"sr_{request.param}"))
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,17 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ms_forecast_node import RESEARCH_DISCLAIMER, __version__
 from ms_forecast_node.errors import MSForecastError
 from ms_forecast_node.logging_setup import configure_logging
+
+if TYPE_CHECKING:
+    from ms_forecast_node.config.settings import NodeConfig
+    from ms_forecast_node.store.database import Database
 
 log = logging.getLogger("ms_forecast_node")
 
@@ -314,6 +318,15 @@ ConfigOption = Annotated[
 ]
 
 
+def _node_state(config: Path | None) -> tuple[NodeConfig, Database]:
+    """The configuration and the node's database, for the operator commands."""
+    from ms_forecast_node.config.settings import load_config
+    from ms_forecast_node.store.database import Database
+
+    cfg = load_config(config)
+    return cfg, Database(cfg.storage.database_path)
+
+
 @app.command("serve")
 def serve_cmd(config: ConfigOption = None) -> None:
     """Run the DICOM node until stopped (SIGTERM / Ctrl-C)."""
@@ -377,11 +390,8 @@ def echo_cmd(
 @app.command("status")
 def status_cmd(config: ConfigOption = None, limit: int = 20) -> None:
     """Studies, jobs and the outbox, from the node's database."""
-    from ms_forecast_node.config.settings import load_config
-    from ms_forecast_node.store.database import Database
 
-    cfg = load_config(config)
-    db = Database(cfg.storage.database_path)
+    cfg, db = _node_state(config)
     studies = db.query("SELECT * FROM studies ORDER BY last_received_at DESC LIMIT ?", (limit,))
     typer.echo(f"studies ({len(studies)} shown):")
     for s in studies:
@@ -408,12 +418,9 @@ def retention_cmd(
     config: ConfigOption = None,
 ) -> None:
     """Delete received instances and derived outputs of studies idle for more than N days."""
-    from ms_forecast_node.config.settings import load_config
     from ms_forecast_node.status.retention import apply_retention, plan_retention
-    from ms_forecast_node.store.database import Database
 
-    cfg = load_config(config)
-    db = Database(cfg.storage.database_path)
+    cfg, db = _node_state(config)
     plan = plan_retention(cfg, db, days)
     for item in plan:
         idle = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(item.last_activity))
@@ -448,12 +455,9 @@ def reprocess_cmd(
 ) -> None:
     """Queue a new version of a received study (e.g. after a model upgrade)."""
     from ms_forecast_node.assemble.studies import StudyAssembler
-    from ms_forecast_node.config.settings import load_config
     from ms_forecast_node.errors import StudyInputError
-    from ms_forecast_node.store.database import Database
 
-    cfg = load_config(config)
-    db = Database(cfg.storage.database_path)
+    cfg, db = _node_state(config)
     try:
         job_id = StudyAssembler(cfg, db).new_version(study_uid, force=True)
     except KeyError:

@@ -14,9 +14,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
-
-import pydicom
 
 from ms_forecast_node.config.settings import NodeConfig
 from ms_forecast_node.errors import MSForecastError
@@ -125,14 +122,12 @@ class Worker:
             if name in timings:
                 self.metrics.stage_seconds.labels(name.removesuffix("_s")).observe(timings[name])
         self.metrics.forecast_seconds.observe(timings.get("forecast_s", 0.0))
-        # Read the outputs' UIDs before taking SQLite's write lock: C-STORE handlers index
-        # received instances under the same lock.
-        queued: list[tuple[str, str, str]] = []  # SOP Instance UID, SOP Class UID, file
-        for path in outcome.files:
-            ds = pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
-            )
-            queued.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(Path(path))))
+        # write_outputs returns the files in the order of the objects: their UIDs come from the
+        # datasets in memory, not from reading the files back.
+        queued = [  # SOP Instance UID, SOP Class UID, file
+            (str(obj.dataset.SOPInstanceUID), str(obj.dataset.SOPClassUID), str(path))
+            for obj, path in zip(outcome.objects, outcome.files, strict=True)
+        ]
         with self.db.transaction() as con:
             state = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
             if state == JobState.SUPERSEDED.value:

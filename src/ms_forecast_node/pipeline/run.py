@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +180,6 @@ class ForecastPipeline:
         return PipelineOutcome(
             visits.selection.study_instance_uid, result, objects, files, summary, timings
         )
-
-
-def settings_with(settings: PipelineSettings, **changes: Any) -> PipelineSettings:
-    return replace(settings, **changes)
 
 
 __all__: Sequence[str] = ["ForecastPipeline", "PipelineOutcome", "PipelineSettings"]
