@@ -90,11 +90,39 @@ def test_forecast_result_aggregates_per_therapy() -> None:
     assert 0.0 <= f.probability_of_activity <= 1.0
     lo, hi = f.count_interval_90
     assert lo <= f.count_median <= hi
-    np.testing.assert_array_equal(f.mask, f.probability >= 0.5)
+    assert not np.any(f.mask & (f.probability < 0.5))
+    from scipy import ndimage
+
+    labels, n = ndimage.label(f.probability >= 0.5, np.ones((3, 3, 3)))
+    sizes = np.bincount(labels.ravel())
+    big = np.flatnonzero(sizes >= cfg.min_lesion_voxels)
+    np.testing.assert_array_equal(f.mask, np.isin(labels, big[big > 0]))
     assert sum(le.volume_mm3 for le in f.lesions) == pytest.approx(f.mask.sum() * 8.0)
-    assert [t.therapy for t in result.ranked()] == sorted(
-        result.therapies, key=lambda t: (result.therapies[t].expected_count, t)
-    )
+    assert f.marginal_probability is not None
+    assert f.marginal_probability.shape == TINY.crop_shape
+    assert np.all((f.marginal_probability >= 0) & (f.marginal_probability <= 1))
+    assert f.expected_volume_voxels_marginal == pytest.approx(f.marginal_probability.sum(), 1e-5)
+    key = {
+        t: (v.expected_count, v.expected_volume_voxels_marginal, t)
+        for t, v in result.therapies.items()
+    }
+    assert [t.therapy for t in result.ranked()] == sorted(result.therapies, key=key.__getitem__)
+
+
+def test_ranking_breaks_sample_ties_with_the_marginal_volume() -> None:
+    model, study = _model(), _tiny_study()
+    cfg = SamplerConfig(steps=2, samples=2, seed=3)
+    result = forecast_study(model, study, ["placebo", "fingolimod"], 48.0, cfg)
+    tied = {
+        name: replace(
+            f,
+            sample_counts=(0, 0),
+            marginal_probability=np.full(TINY.crop_shape, mass, np.float32),
+        )
+        for (name, f), mass in zip(result.therapies.items(), (0.02, 0.01), strict=True)
+    }
+    ranked = replace(result, therapies=tied).ranked()
+    assert [f.therapy for f in ranked] == ["fingolimod", "placebo"]
 
 
 def test_checkpoint_round_trip_and_checksum_failure(tmp_path: Path) -> None:
@@ -151,3 +179,102 @@ def test_training_runs_resumes_and_writes_curves(small_cohort: Path, tmp_path: P
     assert state["step"] == 4
     assert all(math.isfinite(v) for _, v in state["history"]["train"])
     assert len(state["history"]["val"]) == 2
+
+
+def test_weighted_bce_keeps_the_trained_logit_calibrated() -> None:
+    """Fit one logit to Bernoulli(p) labels under positive weight 30: it converges to logit(p)
+    (plain weighted BCE would converge to logit(p) + log 30)."""
+    from ms_forecast_node.forecast.train import calibrated_weighted_bce
+
+    p = 0.02
+    target = torch.zeros(10_000)
+    target[: int(p * 10_000)] = 1.0
+    logit = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([logit], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = calibrated_weighted_bce(logit.expand_as(target), target, 30.0).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert float(logit.detach()) == pytest.approx(math.log(p / (1 - p)), abs=1e-3)
+
+
+def test_high_noise_share_of_training_times() -> None:
+    from ms_forecast_node.forecast.train import sample_timesteps
+
+    gen = torch.Generator().manual_seed(0)
+    t = sample_timesteps(20_000, 1000, 0.5, gen)
+    assert int(t.min()) >= 0 and int(t.max()) <= 999
+    # half of the draws from [800, 1000) plus a fifth of the uniform half
+    assert float((t >= 800).float().mean()) == pytest.approx(0.6, abs=0.015)
+    assert float((sample_timesteps(20_000, 1000, 0.0, gen) >= 800).float().mean()) == (
+        pytest.approx(0.2, abs=0.015)
+    )
+
+
+def test_random_crops_cut_inputs_target_and_brain_alike() -> None:
+    from ms_forecast_node.forecast.train import _random_crops
+
+    rng = np.random.default_rng(0)
+    shape = (16, 24, 16)
+    coords = np.indices(shape).sum(axis=0).astype(np.float32)  # a unique value per position
+    images = np.stack([np.stack([coords, coords * 2])] * 3)
+    target = np.stack([coords[None] * 3] * 3)
+    brain = np.stack([coords[None] * 4] * 3)
+    ci, ct, cb = _random_crops(images, target, brain, (8, 16, 8), rng)
+    assert ci.shape == (3, 2, 8, 16, 8) and ct.shape == cb.shape == (3, 1, 8, 16, 8)
+    np.testing.assert_array_equal(ci[:, 1], ci[:, 0] * 2)
+    np.testing.assert_array_equal(ct[:, 0] * 4, cb[:, 0] * 3)
+    np.testing.assert_array_equal(ct[:, 0], ci[:, 0] * 3)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _random_crops(images, target, brain, (12, 16, 8), rng)
+
+
+@pytest.mark.slow
+def test_training_on_random_crops(small_cohort: Path, tmp_path: Path) -> None:
+    from ms_forecast_node.forecast.train import train
+
+    cfg = TrainConfig(
+        steps=2,
+        batch_size=2,
+        checkpoint_every=1,
+        keep_last_checkpoints=1,
+        validation_fraction=0.25,
+        train_crop=(8, 16, 8),
+        positive_weight=30.0,
+        high_noise_share=0.5,
+    )
+    from ms_forecast_node.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="global_summary"):
+        train(small_cohort, tmp_path / "refused", TINY, cfg)
+    fully_convolutional = replace(TINY, global_summary=False)
+    weights = train(small_cohort, tmp_path / "run", fully_convolutional, cfg)
+    snapshots = sorted((tmp_path / "run" / "snapshots").iterdir())
+    assert [p.name for p in snapshots] == ["step-0000002.safetensors"]
+    model = load_model(weights)
+    result = forecast_study(
+        model, _tiny_study(), ["placebo"], 48.0, SamplerConfig(steps=2, samples=2)
+    )
+    assert result.therapies["placebo"].probability.shape == TINY.crop_shape
+
+
+def test_average_checkpoints_is_the_mean_of_the_weights(tmp_path: Path) -> None:
+    from ms_forecast_node.forecast.checkpoint import average_checkpoints
+
+    a, b = _model(seed=1), _model(seed=2)
+    save_model(a, tmp_path / "a.safetensors")
+    save_model(b, tmp_path / "b.safetensors")
+    average_checkpoints([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "m.st")
+    merged = load_model(tmp_path / "m.st")
+    for key, value in merged.state_dict().items():
+        expected = (a.state_dict()[key] + b.state_dict()[key]) / 2
+        torch.testing.assert_close(value, expected.to(value.dtype))
+    save_model(NET2Forecaster(replace(TINY, embed_dim=16)), tmp_path / "other.safetensors")
+    with pytest.raises(ModelLoadError, match="different model configurations"):
+        average_checkpoints(
+            [tmp_path / "a.safetensors", tmp_path / "other.safetensors"], tmp_path / "x"
+        )

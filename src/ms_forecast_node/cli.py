@@ -213,6 +213,33 @@ def train_cmd(
     typer.echo(f"weights: {weights}")
 
 
+@app.command("average-checkpoints")
+def average_checkpoints_cmd(
+    out: Annotated[Path, typer.Option(help="Averaged weights to write (.safetensors).")],
+    checkpoints: Annotated[
+        list[Path], typer.Argument(help="Checkpoints of one run, e.g. RUN/snapshots/*.")
+    ],
+) -> None:
+    """Average the weights of the last checkpoints of a run (stochastic weight averaging)."""
+    from ms_forecast_node.forecast.checkpoint import average_checkpoints
+
+    digest = average_checkpoints(sorted(checkpoints), out)
+    typer.echo(f"averaged {len(checkpoints)} checkpoints into {out} (sha256 {digest})")
+
+
+@app.command("ship-model")
+def ship_model_cmd(
+    weights: Annotated[Path, typer.Option(help="Weights to ship (.safetensors).")],
+    run: Annotated[Path, typer.Option(help="Training run folder (config.json, state.json).")],
+    report: Annotated[Path, typer.Option(help="`evaluate` output folder for the card.")],
+) -> None:
+    """Make ``weights`` the packaged default model, with its card and registry entry."""
+    from ms_forecast_node.forecast.card import ship_model
+
+    target = ship_model(weights, run, report)
+    typer.echo(f"shipped {target}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     cohort: Annotated[Path, typer.Option(help="Held-out cohort folder.")],

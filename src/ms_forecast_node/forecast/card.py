@@ -27,6 +27,7 @@ def ship_model(
     state = json.loads((run_dir / "state.json").read_text())
     report = json.loads((report_dir / "report.json").read_text())
     cohort_header = json.loads((Path(run_cfg["cohort"]) / "cohort.json").read_text())
+    tr = run_cfg["train"]
     methods = report["methods"]
     rows = summary_table(methods)
     therapies = ", ".join(f"{t.code} ({t.efficacy_net2:.0%})" for t in load_therapies())
@@ -46,7 +47,7 @@ used for clinical decisions.
 | inputs | FLAIR (required), T1, T2, PD (optional, with availability flags), current T2 lesion mask; prior-visit channels exist but the training cohort had no prior visit |
 | conditions | therapy (learned embedding + null token for guidance): {therapies}; horizon in weeks (trained range {cfg.horizon_range_weeks[0]:g}–{cfg.horizon_range_weeks[1]:g}, training cohort all at {cohort_header["horizon_weeks"]:g} weeks) |
 | training data | `{run_cfg["cohort"]}`: {cohort_header["n_patients"]} simulated patients, seed {cohort_header["seed"]}, factual therapy only (as in a trial) |
-| training | {state["step"]} steps, batch {run_cfg["train"]["batch_size"]}, AdamW lr {run_cfg["train"]["learning_rate"]}, condition dropout {run_cfg["train"]["condition_dropout"]}, modality dropout {run_cfg["train"]["modality_dropout"]}, seed {run_cfg["train"]["seed"]}, CPU |
+| training | {state["step"]} steps, batch {tr["batch_size"]}, random crops {tr.get("train_crop") or "none (whole grid)"}, AdamW lr {tr["learning_rate"]} (warm-up, cosine), NET2 voxel weight {tr.get("positive_weight", 1.0):g} with calibrating logit offset, {tr.get("high_noise_share", 0.0):.0%} of diffusion times from the noisiest 20 % of steps, condition dropout {tr["condition_dropout"]}, modality dropout {tr["modality_dropout"]}, seed {tr["seed"]}, CPU |
 | parameters | {sum(p.numel() for p in model.parameters()):,} |
 | template licence | ICBM152 2009 licence stated as "unknown" by nilearn; atlases from Debian mricron-data carry their own (some non-commercial) terms |
 

@@ -74,3 +74,24 @@ def load_model(
         raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
     model.eval()
     return model.to(device)
+
+
+def average_checkpoints(paths: list[Path], out: Path, extra: dict[str, Any] | None = None) -> str:
+    """Average the weights of several checkpoints of one run (stochastic weight averaging over
+    the last checkpoints of a cosine schedule: a flatter, better-calibrated solution for the
+    cost of a few file reads). All must share one configuration; returns the sha256 of ``out``."""
+    if not paths:
+        raise ModelLoadError("no checkpoints to average")
+    models = [load_model(p) for p in paths]
+    config = models[0].config
+    if any(m.config != config for m in models[1:]):
+        raise ModelLoadError("checkpoints to average have different model configurations")
+    states = [m.state_dict() for m in models]
+    averaged = {
+        key: torch.stack([s[key].float() for s in states]).mean(dim=0).to(states[0][key].dtype)
+        for key in states[0]
+    }
+    model = NET2Forecaster(config)
+    model.load_state_dict(averaged)
+    info = {"averaged_from": [p.name for p in paths], **(extra or {})}
+    return save_model(model, out, info)

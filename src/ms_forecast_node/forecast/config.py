@@ -26,6 +26,9 @@ class ModelConfig:
     embed_dim: int = 128
     timesteps: int = 1000
     deterministic: bool = False  # the non-generative baseline: same network, no noise input
+    # A pooled whole-study summary vector in the condition (version 0.1.0, the shipped model).
+    # Crop training (train_crop) needs it off: a crop's summary is not the whole study's.
+    global_summary: bool = True
     horizon_range_weeks: tuple[float, float] = (24.0, 96.0)
 
     @property
@@ -48,9 +51,17 @@ class TrainConfig:
     weight_decay: float = 1e-4
     condition_dropout: float = 0.1  # therapy -> null token, for classifier-free guidance
     modality_dropout: float = 0.2  # per optional sequence
-    positive_weight: float = 1.0  # BCE weight of NET2 voxels (1.0 keeps probabilities calibrated)
+    # BCE weight of NET2 voxels. Training adds log(positive_weight) to the logit inside the loss,
+    # so the network's own output stays a calibrated logit at any weight (see train.py).
+    positive_weight: float = 1.0
+    # Train on random crops of the model grid (k, j, i; multiples of 8); None = whole grid.
+    train_crop: tuple[int, int, int] | None = None
+    # Share of training draws of the diffusion time taken from the noisiest 20 % of steps,
+    # where the network (not the built-in evidence term) carries the forecast; the rest uniform.
+    high_noise_share: float = 0.0
     validation_fraction: float = 0.1
     checkpoint_every: int = 250
+    keep_last_checkpoints: int = 0  # copies in <run>/snapshots for average_checkpoints
     log_every: int = 25
     num_threads: int = 0  # 0: torch default
 
@@ -62,7 +73,10 @@ class SamplerConfig:
     samples: int = 8
     guidance_scale: float = 1.0  # 1.0: conditional only (no extra unconditional pass)
     threshold: float = 0.5  # probability threshold of the binary forecast mask
-    min_lesion_voxels: int = 1  # at 2 mm one voxel is 8 mm³ (a 2.5 mm sphere)
+    # Smallest component counted as a lesion (at 2 mm one voxel is 8 mm³, a 2.5 mm sphere).
+    # 2 (16 mm³, the usual "at least 3 mm" rule) removes the single-voxel speckle of the 0.2.0
+    # experiment; 1 is what the shipped 0.1.0 model was evaluated with.
+    min_lesion_voxels: int = 1
     chunk_size: int = 8  # samples per network call (bounds peak memory)
     seed: int = 0
 

@@ -57,6 +57,10 @@ class MethodPredictions:
     counterfactual: list[list[float]] = field(default_factory=list)
     masks: list[np.ndarray | None] = field(default_factory=list)
     by_location: list[dict[str, float]] = field(default_factory=list)
+    # Per patient, the method's order of the therapies (0 = fewest lesions) when it differs
+    # from the order of ``counterfactual`` (the diffusion model breaks ties in the sample mean
+    # with its marginal expected volume, as ForecastResult.ranked does).
+    ranking: list[list[float]] = field(default_factory=list)
 
 
 def _deterministic_maps(
@@ -139,7 +143,9 @@ def _score(
         out["counterfactual"] = {
             "count_mae_vs_expected": float(np.mean(np.abs(cf - expected))),
             "spearman_vs_expected_pooled": M.count_errors(cf.ravel(), expected.ravel())["spearman"],
-            "ranking_agreement": M.ranking_agreement(cf, expected),
+            "ranking_agreement": M.ranking_agreement(
+                np.asarray(pred.ranking, dtype=float) if pred.ranking else cf, expected
+            ),
             "average_effect_predicted": M.average_effect(cf, list(therapies)),
             "average_effect_true": M.average_effect(expected, list(therapies)),
         }
@@ -184,6 +190,8 @@ def evaluate(
         p.activity.append(f.probability_of_activity)
         p.count.append(f.expected_count)
         p.counterfactual.append([result.therapies[t].expected_count for t in therapies])
+        order = [f.therapy for f in result.ranked()]
+        p.ranking.append([float(order.index(t)) for t in therapies])
         p.masks.append(f.mask)
         p.by_location.append({k.value: v for k, v in f.expected_counts_by_location().items()})
     diffusion_s = time.perf_counter() - start

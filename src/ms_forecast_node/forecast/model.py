@@ -4,8 +4,10 @@ Design for speed: everything that depends only on the study (the MRI, the curren
 the prior visit) goes through :class:`StudyEncoder` **once**; its multi-scale features are
 projected once to the denoiser's widths and then *added* (broadcast, no copy) at every level of
 :class:`Denoiser` for every therapy, sample and diffusion step. The denoiser sees only the noisy
-mask, and the condition vector (diffusion time, therapy, horizon, global study summary,
-availability flags) modulates every block by FiLM.
+mask, and the condition vector (diffusion time, therapy, horizon, availability flags and, when
+``global_summary`` is on, a pooled summary of the study) modulates every block by FiLM. Without
+the summary the network is fully convolutional, so it can be trained on random crops of the grid
+and applied to the whole grid unchanged.
 
 MONAI's ``DiffusionModelUNet`` was considered: it takes conditioning images as extra input
 channels, i.e. re-encodes the study at every step for every therapy and sample, which is what
@@ -95,13 +97,12 @@ class EncodedStudy:
     """Per-level features already projected to the denoiser widths, plus a global vector."""
 
     levels: list[torch.Tensor]  # (1 or B, C_l, ...) at 1/4 and 1/8 of the model grid
-    global_vector: torch.Tensor  # (1 or B, E)
     flags: torch.Tensor  # (1 or B, n_flags)
+    global_vector: torch.Tensor | None = None  # (1 or B, E) when the model has a summary
 
     def select(self, index: torch.Tensor) -> EncodedStudy:
-        return EncodedStudy(
-            [lv[index] for lv in self.levels], self.global_vector[index], self.flags[index]
-        )
+        summary = None if self.global_vector is None else self.global_vector[index]
+        return EncodedStudy([lv[index] for lv in self.levels], self.flags[index], summary)
 
 
 class StudyEncoder(nn.Module):
@@ -116,14 +117,15 @@ class StudyEncoder(nn.Module):
         self.block1 = PlainBlock(c0, c1, stride=2)  # 1/4
         self.block2 = PlainBlock(c1, c2, stride=2)  # 1/8
         self.proj = nn.ModuleList([nn.Conv3d(c1, d1, 1), nn.Conv3d(c2, d2, 1)])
-        self.global_head = nn.Linear(c2, config.embed_dim)
+        self.global_head = nn.Linear(c2, config.embed_dim) if config.global_summary else None
 
     def forward(self, images: torch.Tensor, flags: torch.Tensor) -> EncodedStudy:
         f0 = self.block0(space_to_depth(images, 2))
         f1 = self.block1(f0)
         f2 = self.block2(f1)
         levels = [self.proj[0](f1), self.proj[1](f2)]
-        return EncodedStudy(levels, self.global_head(f2.mean(dim=(2, 3, 4))), flags)
+        summary = None if self.global_head is None else self.global_head(f2.mean(dim=(2, 3, 4)))
+        return EncodedStudy(levels, flags, summary)
 
 
 class Denoiser(nn.Module):
@@ -141,7 +143,7 @@ class Denoiser(nn.Module):
         self.horizon_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
         self.therapy = nn.Embedding(self.n_therapies + 1, e)  # last index = null (guidance)
         self.flag_proj = nn.Linear(config.n_flags, e)
-        self.global_proj = nn.Linear(e, e)
+        self.global_proj = nn.Linear(e, e) if config.global_summary else None
         self.embed_dim = e
         self.stem = nn.Conv3d(r3, d1, 3, padding=1)
         self.down = FiLMBlock(d1, d1, e)
@@ -170,7 +172,9 @@ class Denoiser(nn.Module):
         h = (horizon_weeks.float() - lo) / (hi - lo) * 1000.0
         emb = self.time_mlp(sinusoidal(t, self.embed_dim))
         emb = emb + self.horizon_mlp(sinusoidal(h, self.embed_dim)) + self.therapy(therapy)
-        emb = emb + self.global_proj(encoded.global_vector) + self.flag_proj(encoded.flags)
+        emb = emb + self.flag_proj(encoded.flags)
+        if self.global_proj is not None and encoded.global_vector is not None:
+            emb = emb + self.global_proj(encoded.global_vector)
         return F.silu(emb)
 
     def forward(

@@ -31,12 +31,15 @@ class ForecastLesion:
 class TherapyForecast:
     therapy: str
     probability: np.ndarray  # (D, H, W) share of samples in which the voxel is NET2
-    mask: np.ndarray  # bool, probability >= threshold
+    mask: np.ndarray  # bool, probability >= threshold without components below the minimum size
     uncertainty: np.ndarray  # per-voxel std of the sample masks, sqrt(p (1 - p))
     sample_counts: tuple[int, ...]  # NET2 lesions (components >= min size) per sample
     sample_volumes_mm3: tuple[float, ...]
     sample_counts_by_location: dict[LocationClass, tuple[int, ...]]
     lesions: tuple[ForecastLesion, ...]
+    # The network's voxel probabilities at the first (pure-noise) step: its marginal estimate
+    # of E[mask], smooth where the S samples are all empty. None for results built elsewhere.
+    marginal_probability: np.ndarray | None = None
 
     @property
     def expected_count(self) -> float:
@@ -63,6 +66,13 @@ class TherapyForecast:
     def volume_interval_90(self) -> tuple[float, float]:
         return _interval_90(self.sample_volumes_mm3)
 
+    @property
+    def expected_volume_voxels_marginal(self) -> float:
+        """Expected NET2 volume in model-grid voxels from the marginal (nan when absent)."""
+        if self.marginal_probability is None:
+            return float("nan")
+        return float(self.marginal_probability.sum(dtype=np.float64))
+
     def expected_counts_by_location(self) -> dict[LocationClass, float]:
         return {k: float(np.mean(v)) for k, v in self.sample_counts_by_location.items()}
 
@@ -82,5 +92,11 @@ class ForecastResult:
     disclaimer: str = RESEARCH_DISCLAIMER
 
     def ranked(self) -> list[TherapyForecast]:
-        """Therapies from the fewest to the most expected NET2 lesions."""
-        return sorted(self.therapies.values(), key=lambda f: (f.expected_count, f.therapy))
+        """Therapies from the fewest to the most expected NET2 lesions; ties in the sample mean
+        (e.g. every sample empty) are broken by the marginal expected NET2 volume."""
+        return sorted(self.therapies.values(), key=_ranking_key)
+
+
+def _ranking_key(f: TherapyForecast) -> tuple[float, float, str]:
+    volume = f.expected_volume_voxels_marginal
+    return (f.expected_count, volume if np.isfinite(volume) else 0.0, f.therapy)

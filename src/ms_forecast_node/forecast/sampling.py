@@ -24,7 +24,13 @@ from ms_forecast_node.anatomy.template import load_template_anatomy
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import StudyTensors, model_grid
 from ms_forecast_node.forecast.device import autocast
-from ms_forecast_node.forecast.diffusion import Schedule, ddim_sample, ddpm_sample, guided
+from ms_forecast_node.forecast.diffusion import (
+    LogitFn,
+    Schedule,
+    ddim_sample,
+    ddpm_sample,
+    guided,
+)
 from ms_forecast_node.forecast.model import EncodedStudy, NET2Forecaster
 from ms_forecast_node.forecast.result import ForecastLesion, ForecastResult, TherapyForecast
 
@@ -49,8 +55,15 @@ def sample_masks(
     horizon_weeks: float,
     config: SamplerConfig,
     device: torch.device | None = None,
+    marginal_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """Binary sample masks, shape (n_therapies, n_samples, D, H, W), and stage timings."""
+    """Binary sample masks, shape (n_therapies, n_samples, D, H, W), and stage timings.
+
+    ``marginal_out`` (n_therapies, D, H, W), when given, receives the network's own voxel
+    probabilities at the first, pure-noise step (averaged over the samples): an x0-predicting
+    network outputs ``E[mask | study, therapy]`` there, i.e. a smooth marginal that needs no
+    sampling. It ranks therapies where every sample of a quiet patient is empty.
+    """
     device = device or next(model.parameters()).device
     index = {c: i for i, c in enumerate(model.config.therapies)}
     unknown = [t for t in therapies if t not in index]
@@ -91,7 +104,20 @@ def sample_masks(
             with autocast(device):
                 return model.denoiser(x, t, null, hz, encoded).float()
 
-        fn = guided(cond, uncond, config.guidance_scale)
+        guided_fn = guided(cond, uncond, config.guidance_scale)
+        first_step: list[torch.Tensor] = []
+
+        def fn(
+            x: torch.Tensor,
+            t: torch.Tensor,
+            inner: LogitFn = guided_fn,
+            first_step: list[torch.Tensor] = first_step,
+        ) -> torch.Tensor:
+            logit = inner(x, t)
+            if not first_step:
+                first_step.append(torch.sigmoid(logit.float()))
+            return logit
+
         with torch.no_grad():
             if model.config.deterministic:
                 t_last = torch.full((len(chunk),), model.config.timesteps - 1, device=device)
@@ -104,6 +130,9 @@ def sample_masks(
                 masks = ddim_sample(fn, schedule, x_init, config.steps) > 0
         for (t, s), m in zip(chunk, masks[:, 0].cpu().numpy(), strict=True):
             out[t, s] = m
+        if marginal_out is not None:
+            for (t, _), prob in zip(chunk, first_step[0][:, 0].cpu().numpy(), strict=True):
+                marginal_out[t] += prob / n_s
     timings["sample_s"] = time.perf_counter() - start
     return out, timings
 
@@ -125,8 +154,10 @@ def aggregate(
     samples: np.ndarray,
     maps: LocationMaps,
     config: SamplerConfig,
+    marginal: np.ndarray | None = None,
 ) -> TherapyForecast:
-    """Summaries over the samples (S, D, H, W) of one therapy."""
+    """Summaries over the samples (S, D, H, W) of one therapy (``marginal``: the network's
+    first-step voxel probabilities, see :func:`sample_masks`)."""
     voxel = maps.grid.voxel_volume_mm3
     probability = samples.mean(axis=0, dtype=np.float32)
     counts: list[int] = []
@@ -139,8 +170,10 @@ def aggregate(
         classes = classify_lesions(labels, maps) if n else {}
         for c in LocationClass:
             by_location[c].append(sum(1 for v in classes.values() if v is c))
-    mask = probability >= config.threshold
-    labels, n = _components(mask, config.min_lesion_voxels)
+    # The forecast mask holds only what is counted: components below the minimum lesion size
+    # are dropped, so the SEG overlay and the SR's lesion list agree.
+    labels, n = _components(probability >= config.threshold, config.min_lesion_voxels)
+    mask = labels > 0
     classes = classify_lesions(labels, maps) if n else {}
     lesions = []
     for lab in range(1, n + 1):
@@ -164,6 +197,7 @@ def aggregate(
         sample_volumes_mm3=tuple(volumes),
         sample_counts_by_location={k: tuple(v) for k, v in by_location.items()},
         lesions=tuple(lesions),
+        marginal_probability=marginal,
     )
 
 
@@ -177,10 +211,15 @@ def forecast_study(
 ) -> ForecastResult:
     """The spine's forecasting step: one study in, one typed result out."""
     start = time.perf_counter()
-    samples, timings = sample_masks(model, study, therapies, horizon_weeks, config)
+    marginal = np.zeros((len(therapies), *study.images.shape[1:]), dtype=np.float32)
+    samples, timings = sample_masks(
+        model, study, therapies, horizon_weeks, config, marginal_out=marginal
+    )
     maps = template_location_maps(model.config.spacing_mm, model.config.crop_shape)
     agg_start = time.perf_counter()
-    forecasts = {t: aggregate(t, samples[i], maps, config) for i, t in enumerate(therapies)}
+    forecasts = {
+        t: aggregate(t, samples[i], maps, config, marginal[i]) for i, t in enumerate(therapies)
+    }
     timings["aggregate_s"] = time.perf_counter() - agg_start
     timings["total_s"] = time.perf_counter() - start
     return ForecastResult(

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.checkpoint import load_model, save_model
 from ms_forecast_node.forecast.config import (
     SEQUENCES,
@@ -61,25 +63,77 @@ def _batch(
             if rng.random() < train.condition_dropout:
                 therapy[b] = len(config.therapies)  # null token
     target = np.stack([e.target for e in examples]).astype(np.float32)[:, None]
+    brain = np.repeat(
+        brain_mask(config.spacing_mm, config.crop_shape).astype(np.float32)[None, None],
+        len(examples),
+        axis=0,
+    )
+    if augment and train.train_crop is not None:
+        images, target, brain = _random_crops(images, target, brain, train.train_crop, rng)
     return {
-        "images": torch.from_numpy(images).to(device),
+        "images": torch.from_numpy(np.ascontiguousarray(images)).to(device),
         "flags": torch.from_numpy(flags).to(device),
         "therapy": torch.from_numpy(therapy).long().to(device),
         "horizon": torch.tensor([e.horizon_weeks for e in examples], device=device),
-        "target": torch.from_numpy(target).to(device),
+        "target": torch.from_numpy(np.ascontiguousarray(target)).to(device),
+        "brain": torch.from_numpy(np.ascontiguousarray(brain)).to(device),
     }
+
+
+def _random_crops(
+    images: np.ndarray,
+    target: np.ndarray,
+    brain: np.ndarray,
+    crop: tuple[int, int, int],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One random crop per example. The crop position depends on nothing but the RNG, so the
+    conditional distribution of the target given the inputs is the same as on the whole grid
+    (the network is fully convolutional and sees the whole grid at inference)."""
+    shape = images.shape[2:]
+    if any(c > s or c % 8 for c, s in zip(crop, shape, strict=True)):
+        raise ValueError(f"train_crop {crop} must be multiples of 8 within {shape}")
+    out_i, out_t, out_b = [], [], []
+    for b in range(images.shape[0]):
+        st = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, crop, strict=True)]
+        k, j, i = (slice(a, a + c) for a, c in zip(st, crop, strict=True))
+        out_i.append(images[b, :, k, j, i])
+        out_t.append(target[b, :, k, j, i])
+        out_b.append(brain[b, :, k, j, i])
+    return np.stack(out_i), np.stack(out_t), np.stack(out_b)
+
+
+def sample_timesteps(
+    b: int, timesteps: int, high_noise_share: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Diffusion times for a batch: uniform, with ``high_noise_share`` of the draws from the
+    noisiest 20 % of steps. There the evidence term of x_t is weak and the network's own
+    estimate of each voxel's probability decides the forecast (calibration, counts), so those
+    steps get more of the training budget. Each t is its own x0-regression problem, so this
+    reweighting changes where capacity goes, not what the optimum is."""
+    uniform = torch.randint(0, timesteps, (b,), generator=generator)
+    high = torch.randint(int(0.8 * timesteps), timesteps, (b,), generator=generator)
+    pick = torch.rand((b,), generator=generator) < high_noise_share
+    return torch.where(pick, high, uniform)
 
 
 def loss_on_batch(
     model: NET2Forecaster,
     schedule: Schedule,
     batch: dict[str, torch.Tensor],
-    weight_mask: torch.Tensor,
     generator: torch.Generator | None,
     positive_weight: float = 1.0,
+    high_noise_share: float = 0.0,
 ) -> torch.Tensor:
-    """BCE of the clean-mask logit at a random diffusion time (brain voxels only)."""
+    """BCE of the clean-mask logit at a random diffusion time (brain voxels only).
+
+    NET2 voxels are rare (about 1e-4 of the brain), so their gradient is weighted by
+    ``positive_weight``. For BCE with positive weight *w* the optimal logit is
+    ``logit(p) + log w``; adding ``log w`` to the network's logit inside the loss therefore
+    keeps the network's own output calibrated (``logit(p)``) while the rare voxels weigh more.
+    """
     target = batch["target"]
+    weight_mask = batch["brain"]
     b = target.shape[0]
     device = target.device
     encoded = model.encoder(batch["images"], batch["flags"])
@@ -87,15 +141,26 @@ def loss_on_batch(
         x_t = torch.zeros_like(target)
         t = torch.full((b,), schedule.timesteps - 1, dtype=torch.long, device=device)
     else:
-        t = torch.randint(0, schedule.timesteps, (b,), generator=generator, device="cpu").to(device)
+        t = sample_timesteps(b, schedule.timesteps, high_noise_share, generator).to(device)
         noise = torch.randn(target.shape, generator=generator, device="cpu").to(device)
         x_t = schedule.q_sample(target * 2 - 1, t, noise)
     logit = model.denoiser(x_t, t, batch["therapy"], batch["horizon"], encoded)
-    pos_weight = torch.tensor(positive_weight, device=device)
-    loss = F.binary_cross_entropy_with_logits(
-        logit.float(), target, reduction="none", pos_weight=pos_weight
+    loss = calibrated_weighted_bce(logit.float(), target, positive_weight)
+    return (loss * weight_mask).sum() / weight_mask.sum()
+
+
+def calibrated_weighted_bce(
+    logit: torch.Tensor, target: torch.Tensor, positive_weight: float
+) -> torch.Tensor:
+    """Per-voxel BCE with positives weighted by *w*, evaluated at ``logit + log w``.
+
+    The minimiser of weighted BCE is ``log(w·p / (1 − p))``; shifting by ``log w`` inside the
+    loss makes ``logit`` itself converge to ``log(p / (1 − p))``, so the extra weight changes
+    the gradient's emphasis, not the calibration of the trained network."""
+    pos_weight = torch.tensor(positive_weight, device=logit.device)
+    return F.binary_cross_entropy_with_logits(
+        logit + math.log(positive_weight), target, reduction="none", pos_weight=pos_weight
     )
-    return (loss * weight_mask).sum() / (weight_mask.sum() * b)
 
 
 def _plot(history: dict[str, list[list[float]]], path: Path) -> None:
@@ -126,6 +191,11 @@ def train(
     limit: int | None = None,
 ) -> Path:
     """Train (or resume) into ``run_dir``; returns the path of the final weights."""
+    if train_config.train_crop is not None and model_config.global_summary:
+        raise ConfigurationError(
+            "train_crop needs model.global_summary: false (a crop's pooled summary is not the "
+            "whole study's, so crop training and whole-grid inference would disagree)"
+        )
     device = pick_device()
     if train_config.num_threads > 0:
         torch.set_num_threads(train_config.num_threads)
@@ -175,9 +245,6 @@ def train(
         )
     )
     schedule = Schedule(model_config.timesteps)
-    brain = torch.from_numpy(
-        brain_mask(model_config.spacing_mm, model_config.crop_shape).astype(np.float32)
-    ).to(device)[None, None]
     total = train_config.steps
     warmup = min(200, total // 10)
 
@@ -189,6 +256,15 @@ def train(
 
     def checkpoint() -> None:
         save_model(model, weights, {"step": step, "cohort": str(cohort)})
+        if train_config.keep_last_checkpoints > 0:
+            # Copies for weight averaging (average_checkpoints); only the newest are kept.
+            snapshots = run_dir / "snapshots"
+            snapshots.mkdir(exist_ok=True)
+            shutil.copyfile(weights, snapshots / f"step-{step:07d}.safetensors")
+            for old in sorted(snapshots.glob("step-*.safetensors"))[
+                : -train_config.keep_last_checkpoints
+            ]:
+                old.unlink()
         torch.save(optimizer.state_dict(), run_dir / "optimizer.pt")
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"step": step, "history": history}))
@@ -204,7 +280,18 @@ def train(
             for i in range(0, len(val), train_config.batch_size):
                 chunk = val[i : i + train_config.batch_size]
                 batch = _batch(chunk, model_config, train_config, vrng, device, augment=False)
-                losses.append(float(loss_on_batch(model, schedule, batch, brain, vgen)))
+                losses.append(
+                    float(
+                        loss_on_batch(
+                            model,
+                            schedule,
+                            batch,
+                            vgen,
+                            train_config.positive_weight,
+                            train_config.high_noise_share,
+                        )
+                    )
+                )
         model.train()
         return float(np.mean(losses))
 
@@ -218,7 +305,12 @@ def train(
         batch = _batch(chunk, model_config, train_config, rng, device, augment=True)
         with autocast(device):
             loss = loss_on_batch(
-                model, schedule, batch, brain, generator, train_config.positive_weight
+                model,
+                schedule,
+                batch,
+                generator,
+                train_config.positive_weight,
+                train_config.high_noise_share,
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,4 +329,4 @@ def train(
     return weights
 
 
-__all__ = ["loss_on_batch", "pick_device", "train"]
+__all__ = ["calibrated_weighted_bce", "loss_on_batch", "pick_device", "sample_timesteps", "train"]
