@@ -6,8 +6,11 @@ Methods compared on the same patients:
 * ``unet_baseline`` — the deterministic U-Net (probability map, threshold 0.5, components);
   its activity score is the maximum voxel probability;
 * ``base_rate`` — the population base rate of each therapy arm in the training cohort;
+* ``image_ceiling`` — knows perfectly what the simulator puts into the baseline images and
+  nothing else (:mod:`ms_forecast_node.forecast.ceilings`): the bound for any image-based
+  forecaster, for activity, counts, counterfactuals and lesion detection;
 * ``oracle`` — knows each patient's true expected NET2 count under every therapy
-  (``P(active) = 1 − exp(−μ)``): the ceiling for any image-based forecaster.
+  (``P(active) = 1 − exp(−μ)``), including its part that no image shows.
 
 Because the simulator knows every counterfactual, predicted counts are also compared with the
 true expected counts under **every** therapy (ranking agreement, average effect vs placebo).
@@ -33,6 +36,11 @@ from tqdm import tqdm
 
 from ms_forecast_node.anatomy.locations import LocationClass
 from ms_forecast_node.forecast import metrics as M
+from ms_forecast_node.forecast.ceilings import (
+    activity_parameters,
+    prelesional_detection_ceiling,
+    visible_information_forecast,
+)
 from ms_forecast_node.forecast.checkpoint import load_model, sha256_of
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import Example, load_examples
@@ -233,13 +241,35 @@ def evaluate(
             br.activity.append(share[e.therapy])
             br.count.append(mean[e.therapy])
             br.counterfactual.append([mean[t] for t in therapies])
+    cohort_header, _ = read_cohort(cohort)
+    params = activity_parameters(cohort_header)
+    efficacy = {t["code"]: float(t["efficacy_net2"]) for t in cohort_header.get("therapies", [])}
+    ceiling_ok = all(t in efficacy for t in therapies) and all(
+        "z_visible" in e.sidecar["truth"] for e in examples
+    )
+    if ceiling_ok:
+        ceiling = preds["image_ceiling"] = MethodPredictions()
+        for e in examples:
+            vis = visible_information_forecast(
+                float(e.sidecar["truth"]["z_visible"]),
+                [efficacy[t] for t in therapies],
+                e.horizon_weeks,
+                params,
+            )
+            k = therapies.index(e.therapy)
+            ceiling.activity.append(float(vis.p_active[k]))
+            ceiling.count.append(float(vis.expected_count[k]))
+            ceiling.counterfactual.append([float(v) for v in vis.expected_count])
     oracle = preds["oracle"] = MethodPredictions()
     for row, e in zip(truth["expected"], examples, strict=True):
         mu = dict(zip(therapies, row, strict=True))[e.therapy]
         oracle.activity.append(float(1.0 - np.exp(-mu)))
         oracle.count.append(float(mu))
         oracle.counterfactual.append([float(v) for v in row])
-    report = {
+    scores = {
+        name: _score(name, p, truth, examples, therapies, figures) for name, p in preds.items()
+    }
+    report: dict[str, Any] = {
         "cohort": str(cohort),
         "n_patients": len(examples),
         "model": {
@@ -250,10 +280,24 @@ def evaluate(
         },
         "sampler": asdict(sampler),
         "diffusion_forecast_seconds_per_patient": diffusion_s / max(1, len(examples)),
-        "methods": {
-            name: _score(name, p, truth, examples, therapies, figures) for name, p in preds.items()
-        },
+        "methods": scores,
     }
+    if ceiling_ok:
+        sidecars = [e.sidecar for e in examples]
+        sweep = {
+            f"{th:g}": prelesional_detection_ceiling(sidecars, efficacy, params, th)
+            for th in (0.0, 0.25, 0.5, 0.75)
+        }
+        det = sweep["0.5"]
+        scores["image_ceiling"]["lesion_detection"] = {
+            "precision": det.precision,
+            "recall": det.recall,
+            "f1": det.f1,
+            "n_truth": det.n_truth,
+            "n_pred": det.n_pred,
+            "counted_from": "simulator lesion records (patient.json), not masks",
+            "f1_by_survival_threshold": {k: d.f1 for k, d in sweep.items()},
+        }
     _counterfactual_figure(preds, truth, therapies, figures / "counterfactual_counts.png")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out / "report.md").write_text(render_markdown(report))
@@ -324,6 +368,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *summary_table(methods),
     ]
+    ceiling = methods.get("image_ceiling")
+    if ceiling is not None:
+        det = ceiling.get("lesion_detection", {})
+        sweep = ", ".join(
+            f"{k}: {_fmt(v)}" for k, v in det.get("f1_by_survival_threshold", {}).items()
+        )
+        lines += [
+            "",
+            "`image_ceiling` knows perfectly what the simulator puts into the baseline images "
+            "(the image-visible activity and the site of every visible pre-lesional change) and "
+            "nothing else; no image-based forecaster can beat it on average. `oracle` also knows "
+            "the hidden activity and the patient's therapy response. The ceiling's lesion F1 marks "
+            "every visible pre-lesional site when its event survives the factual therapy with a "
+            f"population probability of at least 0.5 (F1 by that threshold: {sweep}); it is "
+            "counted from the simulator's lesion records.",
+        ]
     lines += ["", "## Average effect against placebo (relative reduction of NET2 count)", ""]
     header = "| therapy | true | " + " | ".join(methods) + " |"
     lines += [header, "|" + "---|" * (len(methods) + 2)]

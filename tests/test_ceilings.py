@@ -1,0 +1,125 @@
+"""The image-ceiling reference of the evaluation report (forecast/ceilings.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ms_forecast_node.forecast.ceilings import (
+    activity_parameters,
+    event_survival,
+    prelesional_detection_ceiling,
+    visible_information_forecast,
+)
+from ms_forecast_node.forecast.registry import default_entry
+from ms_forecast_node.simulate.activity import ActivityParameters
+from tests.conftest import run_cli
+
+
+def test_without_hidden_parts_the_ceiling_is_the_oracle() -> None:
+    """No hidden activity and one response for all: the rate is known, P = 1 − exp(−μ)."""
+    params = ActivityParameters(log_rate_mean=0.3, visible_sd=0.5, hidden_sd=0.0, response_sd=0.0)
+    vis = visible_information_forecast(1.2, [0.0, 0.7], 24.0, params)
+    mu = np.exp(0.3 + 0.5 * 1.2) * np.array([1.0, 0.3]) * 24.0 / 48.0
+    np.testing.assert_allclose(vis.expected_count, mu, rtol=1e-9)
+    np.testing.assert_allclose(vis.p_active, 1.0 - np.exp(-mu), rtol=1e-9)
+
+
+def test_hidden_activity_raises_the_mean_rate_lognormally() -> None:
+    """E[exp(h·z)] = exp(h²/2): the Monte Carlo mean must agree to about 1 %."""
+    params = ActivityParameters(log_rate_mean=0.0, visible_sd=0.0, hidden_sd=0.68, response_sd=0.0)
+    vis = visible_information_forecast(0.0, [0.0], 48.0, params)
+    assert vis.expected_count[0] == pytest.approx(np.exp(0.68**2 / 2), rel=0.02)
+
+
+def test_ceiling_is_monotone_in_activity_and_efficacy() -> None:
+    params = ActivityParameters()
+    low = visible_information_forecast(-1.0, [0.0, 0.3, 0.94], 48.0, params)
+    high = visible_information_forecast(1.0, [0.0, 0.3, 0.94], 48.0, params)
+    assert np.all(np.diff(high.p_active) < 0) and np.all(np.diff(high.expected_count) < 0)
+    assert np.all(high.p_active > low.p_active)
+
+
+def test_event_survival_without_response_spread_is_one_minus_efficacy() -> None:
+    params = ActivityParameters(response_sd=0.0)
+    assert event_survival(0.74, params) == pytest.approx(0.26)
+    assert event_survival(0.74, ActivityParameters(response_sd=0.3)) > 0.26  # Jensen, convex
+
+
+def _sidecar(therapy: str, count: int, lesions: list[tuple[bool, list[str]]]) -> dict:
+    return {
+        "factual_therapy": therapy,
+        "truth": {"net2_count": {therapy: count}},
+        "lesions": [
+            {"kind": "new", "prodrome_visible": visible, "occurs_under": under}
+            for visible, under in lesions
+        ]
+        + [{"kind": "baseline", "prodrome_visible": False, "occurs_under": [therapy]}],
+    }
+
+
+def test_prelesional_ceiling_counts_by_hand() -> None:
+    params = ActivityParameters(response_sd=0.0)
+    efficacy = {"placebo": 0.0, "strong": 0.9}
+    sidecars = [
+        # placebo: two visible sites (one happens), one invisible new lesion happens,
+        # and the baseline lesion enlarges: 3 truth lesions, 2 marked, 1 true positive
+        _sidecar("placebo", 3, [(True, ["placebo"]), (True, []), (False, ["placebo"])]),
+        # strong therapy: survival 0.1 < 0.5, nothing is marked
+        _sidecar("strong", 1, [(True, ["strong"])]),
+    ]
+    det = prelesional_detection_ceiling(sidecars, efficacy, params, threshold=0.5)
+    assert (det.tp_pred, det.n_pred, det.n_truth, det.fp) == (1, 2, 4, 1)
+    assert det.precision == pytest.approx(0.5) and det.recall == pytest.approx(0.25)
+    everything = prelesional_detection_ceiling(sidecars, efficacy, params, threshold=0.0)
+    assert (everything.tp_pred, everything.n_pred) == (2, 3)
+
+
+def test_activity_parameters_come_from_the_cohort_header() -> None:
+    header = {"config": {"activity": {"visible_sd": 0.5, "log_rate_mean": 0.1, "x": 1}}}
+    params = activity_parameters(header)
+    assert (params.visible_sd, params.log_rate_mean) == (0.5, 0.1)
+    assert activity_parameters({}) == ActivityParameters()
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_image_ceiling(small_cohort: Path, tmp_path: Path) -> None:
+    """End to end on the shipped model: the report has every reference and the ceiling row."""
+    out = tmp_path / "eval"
+    result = run_cli(
+        "evaluate",
+        "--model",
+        str(default_entry().file),
+        "--cohort",
+        str(small_cohort),
+        "--out",
+        str(out),
+        "--train-cohort",
+        str(small_cohort),
+        "--samples",
+        "2",
+        "--steps",
+        "2",
+        "--limit",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    methods = report["methods"]
+    assert {"diffusion", "base_rate", "image_ceiling", "oracle"} <= set(methods)
+    ceiling = methods["image_ceiling"]
+    assert 0.0 <= ceiling["lesion_detection"]["f1"] <= 1.0
+    assert set(ceiling["lesion_detection"]["f1_by_survival_threshold"]) == {
+        "0",
+        "0.25",
+        "0.5",
+        "0.75",
+    }
+    cf = np.asarray(
+        ceiling["counterfactual"]["average_effect_predicted"]["ocrelizumab"]["relative_reduction"]
+    )
+    assert cf > 0.5  # the ceiling knows the therapies' effects
+    assert "image_ceiling" in (out / "report.md").read_text()
