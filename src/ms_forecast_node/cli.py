@@ -259,9 +259,14 @@ def evaluate_cmd(
     ] = None,
     samples: Annotated[Optional[int], typer.Option(help="Samples per therapy.")] = None,  # noqa: UP045
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps.")] = None,  # noqa: UP045
+    method: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Sampler: dpmpp2m, ddim or ddpm (default: the config's)."),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option(help="First N patients only.")] = None,  # noqa: UP045
 ) -> None:
-    """Evaluate on a held-out cohort against base-rate, U-Net and oracle references."""
+    """Evaluate on a held-out cohort against base-rate, U-Net, image-ceiling and oracle
+    references."""
     from dataclasses import replace
 
     from ms_forecast_node.forecast.config import load_configs
@@ -272,6 +277,8 @@ def evaluate_cmd(
         sampler = replace(sampler, samples=samples)
     if steps is not None:
         sampler = replace(sampler, steps=steps)
+    if method is not None:
+        sampler = replace(sampler, method=method)
     evaluate(cohort, model, out, sampler, baseline, train_cohort, limit)
     typer.echo((out / "report.md").read_text())
 
@@ -286,7 +293,10 @@ def forecast_cmd(
     ] = None,
     horizon_weeks: Annotated[float, typer.Option(help="Forecast horizon in weeks.")] = 48.0,
     samples: Annotated[int, typer.Option(help="Diffusion samples per therapy.")] = 8,
-    steps: Annotated[int, typer.Option(help="Sampler steps (DDIM).")] = 8,
+    steps: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Sampler steps (default: those the model was evaluated with)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     outputs: Annotated[
         Optional[str],  # noqa: UP045
@@ -299,7 +309,6 @@ def forecast_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Forecast a study offline: inventory → registration → forecast → SEG/SR/fallbacks."""
-    from ms_forecast_node.forecast.config import SamplerConfig
     from ms_forecast_node.pipeline.run import ForecastPipeline, PipelineSettings
 
     def split(text: str | None) -> tuple[str, ...] | None:
@@ -308,7 +317,9 @@ def forecast_cmd(
     settings = PipelineSettings(
         therapies=split(therapies),
         horizon_weeks=horizon_weeks,
-        sampler=SamplerConfig(steps=steps, samples=samples, seed=seed),
+        samples=samples,
+        seed=seed,
+        steps=steps,
         outputs=split(outputs),
         templates_dir=templates,
         device=device,

@@ -18,7 +18,6 @@ from types import FrameType
 from ms_forecast_node.assemble.studies import StudyAssembler
 from ms_forecast_node.config.settings import NodeConfig
 from ms_forecast_node.errors import ConfigurationError
-from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.jobs.worker import Worker
 from ms_forecast_node.metrics import NodeMetrics
 from ms_forecast_node.pipeline.run import ForecastPipeline, PipelineSettings
@@ -37,7 +36,9 @@ def pipeline_settings(config: NodeConfig) -> PipelineSettings:
     return PipelineSettings(
         therapies=p.therapies,
         horizon_weeks=p.horizon_weeks,
-        sampler=SamplerConfig(steps=p.steps, samples=p.samples, seed=p.seed),
+        samples=p.samples,
+        seed=p.seed,
+        steps=p.steps,
         outputs=p.outputs,
         templates_dir=p.templates_dir,
         series_rules=p.series_rules,

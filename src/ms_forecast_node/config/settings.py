@@ -113,7 +113,8 @@ class ProcessingConfig(_Strict):
     therapies: tuple[str, ...] | None = None  # None: every therapy of the model
     horizon_weeks: float = Field(48.0, gt=0.0, le=260.0)
     samples: int = Field(8, ge=1, le=256)
-    steps: int = Field(8, ge=1, le=1000)
+    # None: the steps the shipped model was evaluated with (its models.json entry)
+    steps: int | None = Field(None, ge=1, le=1000)
     seed: int = 0
     device: str = "auto"
     outputs: tuple[str, ...] | None = None  # None: the templates' produce list

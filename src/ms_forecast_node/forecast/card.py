@@ -55,8 +55,9 @@ used for clinical decisions.
 
 `{report["cohort"]}` ({report["n_patients"]} simulated patients, a different seed); sampler
 {report["sampler"]["method"]} {report["sampler"]["steps"]} steps × {report["sampler"]["samples"]}
-samples. The oracle knows each patient's true NET2 rate: it is the ceiling for any image-based
-forecaster.
+samples; production uses the same method, steps, threshold and minimum lesion size by default
+(`models.json`). The image ceiling knows perfectly what the baseline images can reveal; the
+oracle also knows each patient's hidden activity and therapy response.
 
 {chr(10).join(rows)}
 
@@ -82,6 +83,11 @@ the command in the project README.
                 "card": card_path.name,
                 "default": True,
                 "trained_on": "simulated data only",
+                "sampler": {
+                    k: report["sampler"][k]
+                    for k in ("method", "steps", "threshold", "min_lesion_voxels", "guidance_scale")
+                    if k in report["sampler"]
+                },
             }
         ]
     }

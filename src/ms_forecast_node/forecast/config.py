@@ -12,6 +12,7 @@ from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.simulate.therapies import therapy_codes
 
 SEQUENCES = ("FLAIR", "T1", "T2", "PD")
+SAMPLER_METHODS = ("dpmpp2m", "ddim", "ddpm")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    method: str = "ddim"  # "ddim" (few-step) or "ddpm" (ancestral over all training steps)
+    # "dpmpp2m" or "ddim" (few-step ODE solvers) or "ddpm" (ancestral over all training steps)
+    method: str = "ddim"
     steps: int = 8
     samples: int = 8
     guidance_scale: float = 1.0  # 1.0: conditional only (no extra unconditional pass)
@@ -79,6 +81,14 @@ class SamplerConfig:
     min_lesion_voxels: int = 1
     chunk_size: int = 8  # samples per network call (bounds peak memory)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in SAMPLER_METHODS:
+            raise ConfigurationError(
+                f"sampler method {self.method!r} is not one of {', '.join(SAMPLER_METHODS)}"
+            )
+        if self.steps < 1 or self.samples < 1:
+            raise ConfigurationError("sampler steps and samples must be at least 1")
 
 
 def _coerce(cls: type, raw: dict[str, Any], where: str) -> Any:

@@ -4,7 +4,16 @@ The network outputs the logit of the clean mask; ``x0_hat = 2·sigmoid(logit) �
 posterior mean of the clean mask in {-1, +1}, which both samplers use:
 
 * :func:`ddim_sample` — deterministic DDIM (η = 0) on an evenly spaced subset of steps;
+* :func:`dpmpp2m_sample` — DPM-Solver++(2M) (Lu et al. 2022), the second-order multistep
+  solver of the same ODE, on steps packed towards the high-noise end;
 * :func:`ddpm_sample` — the reference ancestral sampler over every training step.
+
+Why the second-order solver: NET2 voxels are rare, and a first-order few-step DDIM
+under-samples rare voxels. For independent voxels with P(+1) = q, where the exact posterior
+logit is known, DDIM with 4 steps yields about 0.14·q at q = 10⁻³ (0.6·q with 8 steps), which
+drives the forecast's probability of activity towards 0 under strong therapies.
+DPM-Solver++(2M) with 8 steps on :func:`dpm_timesteps` yields 0.9–1.0·q over q = 10⁻³…10⁻¹
+(tests/test_forecast.py).
 
 Classifier-free guidance mixes conditional and unconditional logits:
 ``l = l_uncond + w · (l_cond − l_uncond)`` (w = 1 skips the unconditional pass).
@@ -71,6 +80,58 @@ def ddim_sample(
         ab_next = schedule.alphas_cumprod[seq[n + 1]].item()
         eps = (x - math.sqrt(ab_now) * x0) / math.sqrt(1 - ab_now)
         x = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * eps
+    return logit
+
+
+def dpm_timesteps(timesteps: int, steps: int, power: float = 0.75) -> list[int]:
+    """Descending steps ``(T−1)·(1 − u)^power`` for ``u`` evenly spaced in [0, 1]. A power
+    below 1 packs the steps towards the high-noise end, where a sample decides whether and
+    where rare voxels turn on (0.75 was the best of 0.5–2 on the independent-voxel case)."""
+    steps = max(2, min(steps, timesteps))
+    u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    seq = ((timesteps - 1) * (1.0 - u) ** power).round().long().tolist()
+    return sorted(set(seq), reverse=True)
+
+
+@torch.no_grad()
+def dpmpp2m_sample(
+    logit_fn: LogitFn, schedule: Schedule, noise: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """DPM-Solver++(2M) with data (x0) prediction; returns the final clean-mask logit.
+
+    With ``λ = log(α/σ)``, ``α = sqrt(ᾱ)``, ``σ = sqrt(1 − ᾱ)`` and ``h = λ_next − λ_now``:
+    ``x_next = (σ_next/σ_now)·x − α_next·(e^{−h} − 1)·D`` where ``D`` is the current x0 estimate
+    on the first step and the multistep extrapolation ``(1 + 1/2r)·x0 − (1/2r)·x0_prev``
+    (``r = h_prev / h``) afterwards (Lu et al. 2022, Algorithm 2).
+    """
+    x = noise
+    seq = dpm_timesteps(schedule.timesteps, steps)
+    ab = schedule.alphas_cumprod
+
+    def lam(step: int) -> float:
+        a = float(ab[step])
+        return 0.5 * math.log(a / (1.0 - a))
+
+    logit = torch.zeros_like(noise)
+    prev_x0: torch.Tensor | None = None
+    prev_h = 0.0
+    for n, t_now in enumerate(seq):
+        t = torch.full((x.shape[0],), t_now, dtype=torch.long, device=x.device)
+        logit = logit_fn(x, t)
+        x0 = x0_from_logit(logit)
+        if n + 1 == len(seq):
+            break
+        t_next = seq[n + 1]
+        alpha_next = math.sqrt(float(ab[t_next]))
+        sigma_now, sigma_next = math.sqrt(1 - float(ab[t_now])), math.sqrt(1 - float(ab[t_next]))
+        h = lam(t_next) - lam(t_now)
+        if prev_x0 is None:
+            d = x0
+        else:
+            r = prev_h / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        x = (sigma_next / sigma_now) * x - alpha_next * math.expm1(-h) * d
+        prev_x0, prev_h = x0, h
     return logit
 
 

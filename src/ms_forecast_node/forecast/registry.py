@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.checkpoint import ModelLoadError, load_model
+from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.model import NET2Forecaster
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
@@ -23,6 +26,9 @@ class ModelEntry:
     sha256: str
     card: Path
     default: bool
+    # The sampler settings the model was evaluated with (method, steps, threshold, minimum
+    # lesion size): its card's numbers hold for these, so production uses them by default.
+    sampler: dict[str, Any] = field(default_factory=dict)
 
 
 def registered_models(registry: Path = REGISTRY) -> list[ModelEntry]:
@@ -38,6 +44,7 @@ def registered_models(registry: Path = REGISTRY) -> list[ModelEntry]:
                 sha256=str(m["sha256"]),
                 card=registry.parent / str(m["card"]),
                 default=bool(m.get("default", False)),
+                sampler=dict(m.get("sampler") or {}),
             )
             for m in raw["models"]
         ]
@@ -50,6 +57,28 @@ def default_entry(registry: Path = REGISTRY) -> ModelEntry:
     if len(entries) != 1:
         raise ModelLoadError(f"{registry}: expected exactly one default model, got {len(entries)}")
     return entries[0]
+
+
+def model_sampler(
+    entry: ModelEntry | None,
+    samples: int,
+    seed: int,
+    steps: int | None = None,
+    method: str | None = None,
+) -> SamplerConfig:
+    """The sampler for production: the model's evaluated settings (``entry.sampler``), with the
+    site's number of samples and seed, and ``steps`` / ``method`` only when a site sets them."""
+    known = {f.name for f in fields(SamplerConfig)} - {"samples", "seed", "chunk_size"}
+    evaluated = {k: v for k, v in (entry.sampler if entry else {}).items() if k in known}
+    try:
+        config = replace(SamplerConfig(**evaluated), samples=samples, seed=seed)
+        if steps is not None:
+            config = replace(config, steps=steps)
+        if method is not None:
+            config = replace(config, method=method)
+    except TypeError as exc:
+        raise ConfigurationError(f"model sampler settings: {exc}") from exc
+    return config
 
 
 def load_default_model(

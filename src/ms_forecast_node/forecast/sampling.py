@@ -29,6 +29,7 @@ from ms_forecast_node.forecast.diffusion import (
     Schedule,
     ddim_sample,
     ddpm_sample,
+    dpmpp2m_sample,
     guided,
 )
 from ms_forecast_node.forecast.model import EncodedStudy, NET2Forecaster
@@ -126,6 +127,8 @@ def sample_masks(
             elif config.method == "ddpm":
                 gen = torch.Generator(device=device).manual_seed(config.seed + first)
                 masks = ddpm_sample(fn, schedule, x_init, generator=gen) > 0
+            elif config.method == "dpmpp2m":
+                masks = dpmpp2m_sample(fn, schedule, x_init, config.steps) > 0
             else:
                 masks = ddim_sample(fn, schedule, x_init, config.steps) > 0
         for (t, s), m in zip(chunk, masks[:, 0].cpu().numpy(), strict=True):

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import model_grid, prepare_study
 from ms_forecast_node.forecast.device import pick_device
 from ms_forecast_node.forecast.model import NET2Forecaster
-from ms_forecast_node.forecast.registry import ModelEntry, load_default_model
+from ms_forecast_node.forecast.registry import ModelEntry, load_default_model, model_sampler
 from ms_forecast_node.forecast.result import ForecastResult
 from ms_forecast_node.forecast.sampling import forecast_study
 from ms_forecast_node.image.preprocess import PreprocessedStudy, preprocess
@@ -40,7 +40,11 @@ log = logging.getLogger(__name__)
 class PipelineSettings:
     therapies: tuple[str, ...] | None = None  # None: every therapy the model knows
     horizon_weeks: float = 48.0
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # None: the model's evaluated sampler (models.json) with ``samples`` and ``seed``.
+    sampler: SamplerConfig | None = None
+    samples: int = 8
+    seed: int = 0
+    steps: int | None = None  # overrides the evaluated number of steps when set
     outputs: tuple[str, ...] | None = None  # None: the templates' `produce` list
     templates_dir: Path | None = None
     series_rules: Path | None = None
@@ -73,6 +77,9 @@ class ForecastPipeline:
             model, model_entry = load_default_model(device=self.device)
         self.model = model
         self.model_entry = model_entry
+        self.sampler: SamplerConfig = self.settings.sampler or model_sampler(
+            model_entry, self.settings.samples, self.settings.seed, self.settings.steps
+        )
         self.templates: Templates = load_templates(self.settings.templates_dir)
         self.rules: SeriesRules = load_series_rules(self.settings.series_rules)
         therapies = self.settings.therapies or tuple(model.config.therapies)
@@ -114,14 +121,14 @@ class ForecastPipeline:
             tensors,
             self.therapies,
             self.settings.horizon_weeks,
-            self.settings.sampler,
+            self.sampler,
             sha,
         )
 
     def report(
         self, study: PreprocessedStudy, result: ForecastResult, study_version: int = 1
     ) -> tuple[ReportInput, list[OutputObject]]:
-        sampler = self.settings.sampler
+        sampler = self.sampler
         voxel = result.grid.voxel_volume_mm3
         native = native_forecasts(
             result, study.mapping, sampler.threshold, sampler.min_lesion_voxels * voxel
