@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,12 +90,14 @@ def test_activity_parameters_come_from_the_cohort_header() -> None:
 def test_evaluate_reports_the_image_ceiling(small_cohort: Path, tmp_path: Path) -> None:
     """End to end on the shipped model: the report has every reference and the ceiling row."""
     out = tmp_path / "eval"
+    cohort = tmp_path / "cohort"  # evaluate caches model inputs in the cohort: use a copy
+    shutil.copytree(small_cohort, cohort)
     result = run_cli(
         "evaluate",
         "--model",
         str(default_entry().file),
         "--cohort",
-        str(small_cohort),
+        str(cohort),
         "--out",
         str(out),
         "--train-cohort",

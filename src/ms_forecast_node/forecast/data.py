@@ -192,7 +192,10 @@ def load_examples(
         raise CohortFormatError(
             f"cohort grid is {spacing} mm but the model works at {config.spacing_mm} mm"
         )
-    cache_dir = cohort / f".model-cache-v{CACHE_FORMAT}-{config.spacing_mm:g}mm" if cache else None
+    # The cache holds model-grid crops, so its key is the grid spacing *and* the crop shape.
+    crop = "x".join(str(n) for n in config.crop_shape)
+    name = f".model-cache-v{CACHE_FORMAT}-{config.spacing_mm:g}mm-{crop}"
+    cache_dir = cohort / name if cache else None
     patients = patients[:limit] if limit else patients
     return [
         load_example(p, config, cache_dir)
