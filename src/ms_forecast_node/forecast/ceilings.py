@@ -92,11 +92,13 @@ def prelesional_detection_ceiling(
     positive when its event happens under the factual therapy; the truth lesions are the
     factual NET2 count.
     """
+    # One survival per therapy (the same draws for every patient).
+    marks = {t: event_survival(e, params) >= threshold for t, e in efficacy.items()}
     tp = n_pred = n_truth = 0
     for sidecar in sidecars:
         therapy = str(sidecar["factual_therapy"])
         n_truth += int(sidecar["truth"]["net2_count"][therapy])
-        if event_survival(efficacy[therapy], params) < threshold:
+        if not marks[therapy]:
             continue
         for lesion in sidecar.get("lesions", []):
             if lesion.get("kind") == "new" and lesion.get("prodrome_visible"):
