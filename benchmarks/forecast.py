@@ -1,14 +1,16 @@
 """Forecast speed and sampler fidelity, on the same weights, in one run.
 
-1. Few-step DDIM against the reference ancestral DDPM over all training steps, on held-out
-   patients under their factual therapy: wall-time ratio, and per-patient deltas (DDIM − DDPM)
-   of voxel Dice and lesion F1 of the sample masks against the truth, with bootstrap 95 % CIs.
-2. The full forecast (6 therapies × 8 samples, default grid) with its stage timings and the
-   peak resident memory of a fresh process.
+1. The few-step sampler the model was evaluated with (``models.json``; DDIM or
+   DPM-Solver++(2M), or ``--method``/``--steps``) against the reference ancestral DDPM over all
+   training steps, on held-out patients under their factual therapy: wall-time ratio, and
+   per-patient deltas (few-step − DDPM) of voxel Dice, lesion F1 and the number of lesions per
+   sample, with bootstrap 95 % CIs.
+2. The full forecast (6 therapies × 8 samples, default grid, the same sampler) with its stage
+   timings and the peak resident memory of a fresh process.
 3. The share of compute saved by encoding each study once instead of at every network call.
 
     .venv/bin/python benchmarks/forecast.py --cohort var/cohorts/heldout-s2000 \
-        [--model PATH] [--patients 3] [--samples 2]
+        [--model PATH] [--patients 3] [--samples 2] [--method dpmpp2m --steps 8]
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from ms_forecast_node.forecast import metrics as M
 from ms_forecast_node.forecast.checkpoint import load_model
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import load_examples
-from ms_forecast_node.forecast.registry import default_entry
-from ms_forecast_node.forecast.sampling import forecast_study, sample_masks
+from ms_forecast_node.forecast.registry import default_entry, model_sampler, registered_models
+from ms_forecast_node.forecast.sampling import _components, forecast_study, sample_masks
 
 SIX = [
     "glatiramer_acetate",
@@ -42,11 +44,17 @@ SIX = [
 ]
 
 
-def full_forecast_child(model_path: str, cohort: str) -> None:
+def evaluated_sampler(model_path: Path, method: str | None, steps: int | None) -> SamplerConfig:
+    """The sampler the model was evaluated with when it is a registered model, else the
+    defaults; ``method`` / ``steps`` override either."""
+    entry = next((m for m in registered_models() if m.file.resolve() == model_path.resolve()), None)
+    return model_sampler(entry, samples=8, seed=0, steps=steps, method=method)
+
+
+def full_forecast_child(model_path: str, cohort: str, cfg: SamplerConfig) -> None:
     """Run in a fresh process: one full forecast, print timings and peak RSS as JSON."""
     model = load_model(Path(model_path))
     example = load_examples(Path(cohort), model.config, limit=1)[0]
-    cfg = SamplerConfig()
     start = time.perf_counter()
     result = forecast_study(model, example.study, SIX, example.horizon_weeks, cfg)
     wall = time.perf_counter() - start
@@ -54,10 +62,13 @@ def full_forecast_child(model_path: str, cohort: str) -> None:
     print(json.dumps({"wall_s": wall, "timings": result.timings_s, "peak_rss_mb": peak_kb / 1024}))
 
 
-def per_sample_scores(masks: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+def per_sample_scores(
+    masks: np.ndarray, truth: np.ndarray, min_voxels: int
+) -> tuple[float, float, float]:
     dices = [M.dice(m, truth) for m in masks]
     f1s = [M.lesion_detection(m, truth).f1 for m in masks]
-    return float(np.mean(dices)), float(np.mean(f1s))
+    counts = [_components(m, min_voxels)[1] for m in masks]
+    return float(np.mean(dices)), float(np.mean(f1s)), float(np.mean(counts))
 
 
 def main() -> None:
@@ -71,11 +82,14 @@ def main() -> None:
         action="store_true",
         help="also use patients without NET2 under their therapy (Dice/F1 then say little)",
     )
+    parser.add_argument("--method", default=None, help="few-step sampler (default: evaluated)")
+    parser.add_argument("--steps", type=int, default=None, help="its steps (default: evaluated)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     model_path = args.model or default_entry().file
+    production = evaluated_sampler(model_path, args.method, args.steps)
     if args.child:
-        full_forecast_child(str(model_path), str(args.cohort))
+        full_forecast_child(str(model_path), str(args.cohort), production)
         return
     model = load_model(model_path)
     examples = load_examples(args.cohort, model.config)
@@ -84,7 +98,7 @@ def main() -> None:
         # empty truth, and their Dice/F1 deltas are zero by construction.
         examples = [e for e in examples if e.target.any()]
     examples = examples[: args.patients]
-    few = SamplerConfig(samples=args.samples, chunk_size=args.samples, seed=11)
+    few = replace(production, samples=args.samples, chunk_size=args.samples, seed=11)
     ref = replace(few, method="ddpm")
     rows = []
     few_s = ref_s = 0.0
@@ -95,19 +109,24 @@ def main() -> None:
         t0 = time.perf_counter()
         b, _ = sample_masks(model, e.study, [e.therapy], e.horizon_weeks, ref)
         ref_s += time.perf_counter() - t0
-        da, fa = per_sample_scores(a[0], e.target)
-        db, fb = per_sample_scores(b[0], e.target)
+        da, fa, ca = per_sample_scores(a[0], e.target, few.min_lesion_voxels)
+        db, fb, cb = per_sample_scores(b[0], e.target, few.min_lesion_voxels)
         rows.append(
             {
                 "patient": e.patient_id,
-                "dice_ddim": da,
+                "dice_few_step": da,
                 "dice_ddpm": db,
-                "f1_ddim": fa,
+                "f1_few_step": fa,
                 "f1_ddpm": fb,
+                "lesions_per_sample_few_step": ca,
+                "lesions_per_sample_ddpm": cb,
             }
         )
-    d_dice = np.array([r["dice_ddim"] - r["dice_ddpm"] for r in rows])
-    d_f1 = np.array([r["f1_ddim"] - r["f1_ddpm"] for r in rows])
+    d_dice = np.array([r["dice_few_step"] - r["dice_ddpm"] for r in rows])
+    d_f1 = np.array([r["f1_few_step"] - r["f1_ddpm"] for r in rows])
+    d_count = np.array(
+        [r["lesions_per_sample_few_step"] - r["lesions_per_sample_ddpm"] for r in rows]
+    )
 
     # Encoding once vs at every call: time one encoder pass and one denoiser call.
     e = examples[0]
@@ -117,13 +136,14 @@ def main() -> None:
         t0 = time.perf_counter()
         enc = model.encoder(images, flags)
         enc_s = time.perf_counter() - t0
-        x = torch.randn(8, 1, *e.study.images.shape[1:])
+        cell = model.decoder.CELL if model.decoder is not None else 1
+        x = torch.randn(8, 1, *(n // cell for n in e.study.images.shape[1:]))
         t0 = time.perf_counter()
         model.denoiser(
             x, torch.full((8,), 500), torch.zeros(8, dtype=torch.long), torch.full((8,), 48.0), enc
         )
         den_s = (time.perf_counter() - t0) / 8
-    cfg = SamplerConfig()
+    cfg = production
     calls = len(SIX) * cfg.samples * cfg.steps
     once = enc_s + calls * den_s
     every = calls * (enc_s + den_s)
@@ -136,6 +156,10 @@ def main() -> None:
             str(args.cohort),
             "--model",
             str(model_path),
+            "--method",
+            cfg.method,
+            "--steps",
+            str(cfg.steps),
             "--child",
         ],
         capture_output=True,
@@ -148,20 +172,22 @@ def main() -> None:
         "model": str(model_path),
         "sampler_fidelity": {
             "reference": f"DDPM ancestral, {model.config.timesteps} steps",
-            "few_step": f"DDIM, {few.steps} steps",
+            "few_step": f"{few.method}, {few.steps} steps",
             "patients": len(rows),
             "patients_selected": "all" if args.all_patients else "with NET2 under their therapy",
             "samples_per_patient": args.samples,
             "ddpm_seconds": round(ref_s, 1),
-            "ddim_seconds": round(few_s, 2),
+            "few_step_seconds": round(few_s, 2),
             "speedup_vs_reference": round(ref_s / few_s, 1),
             "delta_dice_mean_ci95": [round(v, 4) for v in M.bootstrap_ci(d_dice)],
             "delta_lesion_f1_mean_ci95": [round(v, 4) for v in M.bootstrap_ci(d_f1)],
+            "delta_lesions_per_sample_mean_ci95": [round(v, 3) for v in M.bootstrap_ci(d_count)],
             "per_patient": rows,
         },
         "full_forecast_6x8": {
             "therapies": len(SIX),
             "samples": cfg.samples,
+            "method": cfg.method,
             "steps": cfg.steps,
             "wall_s": round(full["wall_s"], 1),
             "stage_s": {k: round(v, 2) for k, v in full["timings"].items()},

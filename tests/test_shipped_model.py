@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 
 from ms_forecast_node.forecast.checkpoint import ModelLoadError, sha256_of
-from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import load_examples
-from ms_forecast_node.forecast.registry import REGISTRY, default_entry, load_default_model
+from ms_forecast_node.forecast.registry import (
+    REGISTRY,
+    default_entry,
+    load_default_model,
+    model_sampler,
+)
 from ms_forecast_node.forecast.sampling import forecast_study, sample_masks
 
 
@@ -62,7 +66,8 @@ def test_stronger_therapies_give_fewer_expected_lesions(small_cohort: Path) -> N
     samples drawn from the same noise."""
     model, entry = load_default_model()
     examples = load_examples(small_cohort, model.config, cache=False)
-    cfg = SamplerConfig(samples=8, steps=8, seed=5)
+    # The sampler the model was evaluated with (models.json), as production uses it.
+    cfg = model_sampler(entry, samples=8, seed=5)
     therapies = ["placebo", "glatiramer_acetate", "ocrelizumab"]
     totals = dict.fromkeys(therapies, 0.0)
     differs = False

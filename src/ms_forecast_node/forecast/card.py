@@ -21,7 +21,8 @@ def ship_model(
     name = f"{cfg.name}-{cfg.version}"
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / f"{name}.safetensors"
-    shutil.copyfile(weights, target)
+    if not (target.exists() and target.samefile(weights)):
+        shutil.copyfile(weights, target)
     digest = sha256_of(target)
     run_cfg = json.loads((run_dir / "config.json").read_text())
     state = json.loads((run_dir / "state.json").read_text())
@@ -31,6 +32,28 @@ def ship_model(
     methods = report["methods"]
     rows = summary_table(methods)
     therapies = ", ".join(f"{t.code} ({t.efficacy_net2:.0%})" for t in load_therapies())
+    sampler = report["sampler"]
+    solver = {"dpmpp2m": "DPM-Solver++(2M)", "ddim": "DDIM", "ddpm": "ancestral DDPM"}.get(
+        sampler["method"], sampler["method"]
+    )
+    if cfg.centres:
+        method = (
+            "treatment-conditioned diffusion (after Favero et al. 2025, arXiv 2508.07006) of the "
+            "map of NET2 lesion centres on 4×4×4-voxel cells, decoded into the voxel mask by a "
+            "deterministic lesion decoder; study encoder run once per study, FiLM-conditioned "
+            f"denoiser predicting clean-map logits, cosine schedule with {cfg.timesteps} steps, "
+            f"{solver} {sampler['steps']}-step sampling"
+        )
+    else:
+        method = (
+            "treatment-conditioned voxel-space diffusion (after Favero et al. 2025, arXiv "
+            "2508.07006): study encoder run once per study, FiLM-conditioned denoiser on "
+            "4×4×4-voxel blocks predicting clean-mask logits, cosine schedule with "
+            f"{cfg.timesteps} steps, {solver} {sampler['steps']}-step sampling"
+        )
+    if cfg.rate_offsets:
+        method += "; per-therapy rate offset and log-horizon offset on the output logit"
+    start = f", initialised from `{tr['init_from']}`" if tr.get("init_from") else ""
     card = f"""# Model card: {cfg.name} {cfg.version}
 
 **RESEARCH FORECAST — NOT FOR DIAGNOSTIC USE.** This model was trained **only on simulated
@@ -42,12 +65,12 @@ used for clinical decisions.
 | file | `{target.name}` |
 | sha256 | `{digest}` |
 | task | forecast of the new and enlarging T2 (NET2) lesion mask at a future time point, per therapy |
-| method | treatment-conditioned voxel-space diffusion (after Favero et al. 2025, arXiv 2508.07006): study encoder run once per study, FiLM-conditioned denoiser on 4×4×4-voxel blocks predicting clean-mask logits, cosine schedule with {cfg.timesteps} steps, DDIM few-step sampling |
+| method | {method} |
 | grid | ICBM152 2009c symmetric template, {cfg.spacing_mm:g} mm, crop {list(cfg.crop_shape)} (k, j, i) |
 | inputs | FLAIR (required), T1, T2, PD (optional, with availability flags), current T2 lesion mask; prior-visit channels exist but the training cohort had no prior visit |
 | conditions | therapy (learned embedding + null token for guidance): {therapies}; horizon in weeks (trained range {cfg.horizon_range_weeks[0]:g}–{cfg.horizon_range_weeks[1]:g}, training cohort all at {cohort_header["horizon_weeks"]:g} weeks) |
 | training data | `{run_cfg["cohort"]}`: {cohort_header["n_patients"]} simulated patients, seed {cohort_header["seed"]}, factual therapy only (as in a trial) |
-| training | {state["step"]} steps, batch {tr["batch_size"]}, random crops {tr.get("train_crop") or "none (whole grid)"}, AdamW lr {tr["learning_rate"]} (warm-up, cosine), NET2 voxel weight {tr.get("positive_weight", 1.0):g} with calibrating logit offset, {tr.get("high_noise_share", 0.0):.0%} of diffusion times from the noisiest 20 % of steps, condition dropout {tr["condition_dropout"]}, modality dropout {tr["modality_dropout"]}, seed {tr["seed"]}, CPU |
+| training | {state["step"]} steps, batch {tr["batch_size"]}, random crops {tr.get("train_crop") or "none (whole grid)"}, AdamW lr {tr["learning_rate"]} (warm-up, cosine), NET2 voxel weight {tr.get("positive_weight", 1.0):g} with calibrating logit offset, {tr.get("high_noise_share", 0.0):.0%} of diffusion times from the noisiest 20 % of steps, condition dropout {tr["condition_dropout"]}, modality dropout {tr["modality_dropout"]}, seed {tr["seed"]}, CPU{start} |
 | parameters | {sum(p.numel() for p in model.parameters()):,} |
 | template licence | ICBM152 2009 licence stated as "unknown" by nilearn; atlases from Debian mricron-data carry their own (some non-commercial) terms |
 
@@ -73,8 +96,18 @@ the command in the project README.
 """
     card_path = models_dir / f"{name}.md"
     card_path.write_text(card, encoding="utf-8")
+    # Earlier models stay registered (not default) while their files ship: a site can go back,
+    # and a model trained from another (train.init_from) stays reproducible.
+    registry_path = models_dir / "models.json"
+    earlier = []
+    if registry_path.is_file():
+        for entry in json.loads(registry_path.read_text(encoding="utf-8")).get("models", []):
+            same = entry.get("name") == cfg.name and entry.get("version") == cfg.version
+            if not same and (models_dir / str(entry.get("file"))).is_file():
+                earlier.append({**entry, "default": False})
     registry = {
         "models": [
+            *earlier,
             {
                 "name": cfg.name,
                 "version": cfg.version,
@@ -88,8 +121,8 @@ the command in the project README.
                     for k in ("method", "steps", "threshold", "min_lesion_voxels", "guidance_scale")
                     if k in report["sampler"]
                 },
-            }
+            },
         ]
     }
-    (models_dir / "models.json").write_text(json.dumps(registry, indent=2) + "\n")
+    registry_path.write_text(json.dumps(registry, indent=2) + "\n")
     return target

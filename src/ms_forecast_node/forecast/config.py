@@ -13,6 +13,10 @@ from ms_forecast_node.simulate.therapies import therapy_codes
 
 SEQUENCES = ("FLAIR", "T1", "T2", "PD")
 SAMPLER_METHODS = ("dpmpp2m", "ddim", "ddpm")
+# What the diffusion generates: the NET2 voxel mask itself (0.1.x), or the map of NET2 lesion
+# centres on cells of 4×4×4 model-grid voxels, from which a deterministic decoder draws each
+# lesion's voxels (0.3.x; see docs/forecaster.md).
+DIFFUSION_TARGETS = ("mask", "centres")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,22 @@ class ModelConfig:
     # Crop training (train_crop) needs it off: a crop's summary is not the whole study's.
     global_summary: bool = True
     horizon_range_weeks: tuple[float, float] = (24.0, 96.0)
+    diffusion_target: str = "mask"  # one of DIFFUSION_TARGETS
+    # Add a learned per-therapy scalar and log(horizon / 48 weeks) to the output logit: for rare
+    # events the logit is the log rate, so a therapy then acts as one rate ratio shared by all
+    # patients (as trials estimate it) and the expected count scales with the horizon.
+    rate_offsets: bool = False
+
+    def __post_init__(self) -> None:
+        if self.diffusion_target not in DIFFUSION_TARGETS:
+            raise ConfigurationError(
+                f"model diffusion_target {self.diffusion_target!r} is not one of "
+                f"{', '.join(DIFFUSION_TARGETS)}"
+            )
+
+    @property
+    def centres(self) -> bool:
+        return self.diffusion_target == "centres"
 
     @property
     def n_image_channels(self) -> int:
@@ -65,6 +85,10 @@ class TrainConfig:
     keep_last_checkpoints: int = 0  # copies in <run>/snapshots for average_checkpoints
     log_every: int = 25
     num_threads: int = 0  # 0: torch default
+    # Weights to start from: every tensor whose name and shape match is copied (e.g. the study
+    # encoder of a model trained on the same cohort); the rest keeps its initialisation.
+    init_from: str | None = None
+    decoder_weight: float = 1.0  # centre models: weight of the lesion-extent decoder's BCE
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,7 @@ def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
 
 
 __all__ = [
+    "DIFFUSION_TARGETS",
     "SEQUENCES",
     "ModelConfig",
     "SamplerConfig",

@@ -64,6 +64,23 @@ def white_matter_prior(spacing_mm: float, crop_shape: tuple[int, int, int]) -> n
     return np.asarray(anatomy.wm[slices], dtype=np.float32)
 
 
+def lesion_centres(mask: np.ndarray, cell: int = 4) -> np.ndarray:
+    """The cells (``cell``³ voxels) holding the centroid of each 26-connected lesion of
+    ``mask`` (D, H, W), as a bool map (D/cell, H/cell, W/cell): what centre models diffuse."""
+    from scipy import ndimage
+
+    shape = tuple(n // cell for n in mask.shape)
+    centres = np.zeros(shape, dtype=bool)
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n:
+        for centroid in ndimage.center_of_mass(mask, labels, range(1, n + 1)):
+            index = tuple(
+                min(int(round(c)) // cell, m - 1) for c, m in zip(centroid, shape, strict=True)
+            )
+            centres[index] = True
+    return centres
+
+
 def normalise(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
     values = image[brain & (image > 0)]
     scale = float(np.median(values)) if values.size else 1.0

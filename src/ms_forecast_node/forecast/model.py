@@ -9,6 +9,14 @@ mask, and the condition vector (diffusion time, therapy, horizon, availability f
 the summary the network is fully convolutional, so it can be trained on random crops of the grid
 and applied to the whole grid unchanged.
 
+Two things can be diffused (``ModelConfig.diffusion_target``): the NET2 voxel mask itself (0.1.x),
+or the map of NET2 lesion *centres* on cells of 4×4×4 voxels (0.3.x). New MS lesions arise as a
+spatial point process, so given the study the centres are close to independent from cell to
+cell: that is exactly the case in which a few-step sampler of independent cells is faithful,
+and every sampled centre is one lesion. :class:`LesionDecoder` then draws each sampled lesion's
+voxels from a per-study appearance map (computed once by the encoder) and a learned kernel
+around the centre: extent is decided deterministically, occurrence and place by diffusion.
+
 MONAI's ``DiffusionModelUNet`` was considered: it takes conditioning images as extra input
 channels, i.e. re-encodes the study at every step for every therapy and sample, which is what
 this design avoids; the network is therefore written here with plain ``torch.nn`` blocks.
@@ -25,6 +33,9 @@ from torch import nn
 
 from ms_forecast_node.forecast.config import ModelConfig
 from ms_forecast_node.forecast.diffusion import cosine_alphas_cumprod
+
+# Rates are per 48 weeks in the simulator and in the trials it follows.
+REFERENCE_HORIZON_WEEKS = 48.0
 
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -99,10 +110,13 @@ class EncodedStudy:
     levels: list[torch.Tensor]  # (1 or B, C_l, ...) at 1/4 and 1/8 of the model grid
     flags: torch.Tensor  # (1 or B, n_flags)
     global_vector: torch.Tensor | None = None  # (1 or B, E) when the model has a summary
+    # Centre models: per-voxel lesion-appearance logit (1 or B, 1, D, H, W) for the decoder.
+    appearance: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> EncodedStudy:
         summary = None if self.global_vector is None else self.global_vector[index]
-        return EncodedStudy([lv[index] for lv in self.levels], self.flags[index], summary)
+        look = None if self.appearance is None else self.appearance[index]
+        return EncodedStudy([lv[index] for lv in self.levels], self.flags[index], summary, look)
 
 
 class StudyEncoder(nn.Module):
@@ -118,6 +132,7 @@ class StudyEncoder(nn.Module):
         self.block2 = PlainBlock(c1, c2, stride=2)  # 1/8
         self.proj = nn.ModuleList([nn.Conv3d(c1, d1, 1), nn.Conv3d(c2, d2, 1)])
         self.global_head = nn.Linear(c2, config.embed_dim) if config.global_summary else None
+        self.appearance = AppearanceHead(config) if config.centres else None
 
     def forward(self, images: torch.Tensor, flags: torch.Tensor) -> EncodedStudy:
         f0 = self.block0(space_to_depth(images, 2))
@@ -125,7 +140,74 @@ class StudyEncoder(nn.Module):
         f2 = self.block2(f1)
         levels = [self.proj[0](f1), self.proj[1](f2)]
         summary = None if self.global_head is None else self.global_head(f2.mean(dim=(2, 3, 4)))
-        return EncodedStudy(levels, flags, summary)
+        look = None if self.appearance is None else self.appearance(images, f0, f1)
+        return EncodedStudy(levels, flags, summary, look)
+
+
+class AppearanceHead(nn.Module):
+    """Per-voxel logit of "part of a NET2 lesion if one arises nearby", at full resolution:
+    the images themselves (one 3×3×3 convolution) plus the encoder's 1/2 and 1/4 features."""
+
+    WIDTH = 8
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c0, c1, _ = config.encoder_channels
+        w = self.WIDTH
+        self.from_images = nn.Conv3d(config.n_image_channels, w, 3, padding=1)
+        self.from_half = nn.Conv3d(c0, w, 1)
+        self.from_quarter = nn.Conv3d(c1, w, 1)
+        self.head = nn.Sequential(nn.SiLU(), nn.Conv3d(w, w, 3, padding=1), nn.SiLU())
+        self.out = nn.Conv3d(w, 1, 1)
+
+    def forward(self, images: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor) -> torch.Tensor:
+        size = images.shape[2:]
+        h = self.from_images(images)
+        h = h + F.interpolate(self.from_half(f0), size=size, mode="nearest")
+        h = h + F.interpolate(self.from_quarter(f1), size=size, mode="nearest")
+        return self.out(self.head(h))
+
+
+class LesionDecoder(nn.Module):
+    """Sampled lesion centres (cells of ``CELL``³ voxels) -> the NET2 voxel mask.
+
+    ``logit = appearance + K ⋆ centres``: ``K`` is a learned kernel spreading each centre over
+    its cell and half a cell around it (a transposed convolution), so a voxel's chance to belong
+    to a lesion depends on where it sits relative to the centre and on what the images show
+    there (an existing lesion that enlarges, a pre-lesional change). Only voxels within one cell
+    of a sampled centre can be NET2, and every centre keeps at least its most likely voxel, so
+    each sampled centre is drawn as a lesion.
+    """
+
+    CELL = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = self.CELL
+        self.kernel = nn.ConvTranspose3d(1, 1, 3 * c, stride=c, padding=c, bias=False)
+        # Start from a bump around the centre cell (a lesion of a few voxels), not from noise.
+        axis = torch.arange(3 * c, dtype=torch.float32) - (3 * c - 1) / 2.0
+        d2 = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2
+        with torch.no_grad():
+            self.kernel.weight.copy_((6.0 * torch.exp(-d2 / 8.0) - 3.0)[None, None])
+
+    def support(self, centres: torch.Tensor) -> torch.Tensor:
+        """Voxels within one cell of a centre (bool, full resolution)."""
+        near = F.max_pool3d(centres, 3, stride=1, padding=1)
+        return F.interpolate(near, scale_factor=self.CELL, mode="nearest") > 0
+
+    def logits(self, centres: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
+        return appearance + self.kernel(centres)
+
+    def masks(self, centres: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
+        """(B, 1, d, h, w) centres in {0, 1} -> (B, 1, D, H, W) bool NET2 masks."""
+        logit = self.logits(centres, appearance).float()
+        mask = (logit > 0) & self.support(centres)
+        # The most likely voxel of every centre's cell, so no sampled lesion vanishes.
+        blocks = space_to_depth(logit, self.CELL)
+        best = F.one_hot(blocks.argmax(dim=1), blocks.shape[1]).permute(0, 4, 1, 2, 3)
+        forced = depth_to_space(best.to(centres.dtype) * centres, self.CELL) > 0
+        return mask | forced
 
 
 class Denoiser(nn.Module):
@@ -137,7 +219,9 @@ class Denoiser(nn.Module):
         super().__init__()
         _, d1, d2 = config.denoiser_channels
         e = config.embed_dim
-        r3 = self.PATCH**3
+        # A centre map already lives on the 1/4 grid: nothing to fold.
+        self.fold = 1 if config.centres else self.PATCH
+        r3 = self.fold**3
         self.n_therapies = len(config.therapies)
         self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
         self.horizon_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
@@ -156,6 +240,9 @@ class Denoiser(nn.Module):
         nn.init.constant_(self.out.bias, -8.0)
         self.horizon_range = config.horizon_range_weeks
         self.alphas_cumprod = cosine_alphas_cumprod(config.timesteps).float()
+        self.therapy_offset = nn.Embedding(self.n_therapies + 1, 1) if config.rate_offsets else None
+        if self.therapy_offset is not None:
+            nn.init.zeros_(self.therapy_offset.weight)
 
     @property
     def null_therapy(self) -> int:
@@ -191,12 +278,18 @@ class Denoiser(nn.Module):
         """
         emb = self.embedding(t, therapy, horizon_weeks, encoded)
         e1, e2 = encoded.levels
-        h1 = self.down(self.stem(space_to_depth(x_t, self.PATCH)) + e1, emb)
+        h1 = self.down(self.stem(space_to_depth(x_t, self.fold)) + e1, emb)
         m = self.mid_a(F.avg_pool3d(h1, 2, ceil_mode=True), emb) + e2
         m = self.mid_b(m, emb)
         up = F.interpolate(m, size=h1.shape[2:], mode="nearest")
         u = self.up(torch.cat([up, h1], 1), emb)
-        return depth_to_space(self.out(u), self.PATCH) + self.evidence(x_t, t)
+        logit = depth_to_space(self.out(u), self.fold) + self.evidence(x_t, t)
+        if self.therapy_offset is not None:
+            offset = self.therapy_offset(therapy)[:, 0] + torch.log(
+                horizon_weeks.float().clamp_min(1.0) / REFERENCE_HORIZON_WEEKS
+            )
+            logit = logit + offset.view(-1, 1, 1, 1, 1).to(logit.dtype)
+        return logit
 
     def evidence(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What ``x_t`` alone says about each voxel: for independent ±1 voxels the exact
@@ -211,13 +304,15 @@ class Denoiser(nn.Module):
 
 
 class NET2Forecaster(nn.Module):
-    """Encoder + denoiser; the deterministic baseline uses the same modules with x_t = 0."""
+    """Encoder + denoiser (+ lesion decoder for centre models); the deterministic baseline uses
+    the same modules with x_t = 0."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.encoder = StudyEncoder(config)
         self.denoiser = Denoiser(config)
+        self.decoder = LesionDecoder() if config.centres else None
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -17,6 +17,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from ms_forecast_node.anatomy.locations import LocationClass, LocationMaps, classify_lesions
@@ -63,7 +64,11 @@ def sample_masks(
     ``marginal_out`` (n_therapies, D, H, W), when given, receives the network's own voxel
     probabilities at the first, pure-noise step (averaged over the samples): an x0-predicting
     network outputs ``E[mask | study, therapy]`` there, i.e. a smooth marginal that needs no
-    sampling. It ranks therapies where every sample of a quiet patient is empty.
+    sampling. It ranks therapies where every sample of a quiet patient is empty. For centre
+    models it is the density of lesion centres (it sums to the expected lesion count).
+
+    Centre models (``model.decoder``) diffuse the lesion-centre map on the cell grid and
+    decode every sampled map into voxels; the returned masks are voxel masks either way.
     """
     device = device or next(model.parameters()).device
     index = {c: i for i, c in enumerate(model.config.therapies)}
@@ -78,10 +83,14 @@ def sample_masks(
         encoded: EncodedStudy = model.encoder(images, flags)
     timings["encode_s"] = time.perf_counter() - start
     shape = study.images.shape[1:]
+    decoder = model.decoder
+    # Centre models diffuse the map of lesion centres, on cells of CELL³ voxels.
+    cell = decoder.CELL if decoder is not None else 1
+    diffused_shape = tuple(n // cell for n in shape)
     n_t, n_s = len(therapies), config.samples
     generator = torch.Generator().manual_seed(config.seed)
     # Common random numbers: sample s starts from the same noise under every therapy.
-    noise = torch.randn((n_s, 1, *shape), generator=generator)
+    noise = torch.randn((n_s, 1, *diffused_shape), generator=generator)
     pairs = [(t, s) for t in range(n_t) for s in range(n_s)]
     out = np.zeros((n_t, n_s, *shape), dtype=bool)
     schedule = Schedule(model.config.timesteps)
@@ -131,10 +140,17 @@ def sample_masks(
                 masks = dpmpp2m_sample(fn, schedule, x_init, config.steps) > 0
             else:
                 masks = ddim_sample(fn, schedule, x_init, config.steps) > 0
+            marginal = first_step[0]
+            if decoder is not None:
+                assert encoded.appearance is not None
+                masks = decoder.masks(masks.float(), encoded.appearance.float())
+                # A centre's probability spread over its cell: the map then sums to the
+                # expected number of lesions (a density of lesion centres per voxel).
+                marginal = F.interpolate(marginal, scale_factor=cell, mode="nearest") / cell**3
         for (t, s), m in zip(chunk, masks[:, 0].cpu().numpy(), strict=True):
             out[t, s] = m
         if marginal_out is not None:
-            for (t, _), prob in zip(chunk, first_step[0][:, 0].cpu().numpy(), strict=True):
+            for (t, _), prob in zip(chunk, marginal[:, 0].cpu().numpy(), strict=True):
                 marginal_out[t] += prob / n_s
     timings["sample_s"] = time.perf_counter() - start
     return out, timings

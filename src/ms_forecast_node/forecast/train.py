@@ -33,7 +33,7 @@ from ms_forecast_node.forecast.config import (
     TrainConfig,
     config_dict,
 )
-from ms_forecast_node.forecast.data import Example, brain_mask, load_examples
+from ms_forecast_node.forecast.data import Example, brain_mask, lesion_centres, load_examples
 from ms_forecast_node.forecast.device import autocast, pick_device
 from ms_forecast_node.forecast.diffusion import Schedule
 from ms_forecast_node.forecast.model import NET2Forecaster
@@ -70,7 +70,12 @@ def _batch(
     )
     if augment and train.train_crop is not None:
         images, target, brain = _random_crops(images, target, brain, train.train_crop, rng)
+    extra: dict[str, torch.Tensor] = {}
+    if config.centres:
+        centres = np.stack([lesion_centres(t[0] > 0) for t in target]).astype(np.float32)
+        extra["centres"] = torch.from_numpy(centres[:, None]).to(device)
     return {
+        **extra,
         "images": torch.from_numpy(np.ascontiguousarray(images)).to(device),
         "flags": torch.from_numpy(flags).to(device),
         "therapy": torch.from_numpy(therapy).long().to(device),
@@ -124,6 +129,7 @@ def loss_on_batch(
     generator: torch.Generator | None,
     positive_weight: float = 1.0,
     high_noise_share: float = 0.0,
+    decoder_weight: float = 1.0,
 ) -> torch.Tensor:
     """BCE of the clean-mask logit at a random diffusion time (brain voxels only).
 
@@ -132,6 +138,10 @@ def loss_on_batch(
     ``logit(p) + log w``; adding ``log w`` to the network's logit inside the loss therefore
     keeps the network's own output calibrated (``logit(p)``) while the rare voxels weigh more.
     """
+    if model.config.centres:
+        return centre_loss_on_batch(
+            model, schedule, batch, generator, positive_weight, high_noise_share, decoder_weight
+        )
     target = batch["target"]
     weight_mask = batch["brain"]
     b = target.shape[0]
@@ -149,6 +159,41 @@ def loss_on_batch(
     return (loss * weight_mask).sum() / weight_mask.sum()
 
 
+def centre_loss_on_batch(
+    model: NET2Forecaster,
+    schedule: Schedule,
+    batch: dict[str, torch.Tensor],
+    generator: torch.Generator | None,
+    positive_weight: float = 1.0,
+    high_noise_share: float = 0.0,
+    decoder_weight: float = 1.0,
+) -> torch.Tensor:
+    """Centre models: diffusion BCE of the lesion-centre map over brain cells, plus the
+    decoder's BCE over the voxels near the true centres (teacher forcing: the decoder learns
+    the extent of a lesion given where it arises)."""
+    assert model.decoder is not None
+    centres = batch["centres"]
+    cell = model.decoder.CELL
+    brain_cells = F.max_pool3d(batch["brain"], cell, stride=cell)
+    b = centres.shape[0]
+    encoded = model.encoder(batch["images"], batch["flags"])
+    t = sample_timesteps(b, schedule.timesteps, high_noise_share, generator).to(centres.device)
+    noise = torch.randn(centres.shape, generator=generator, device="cpu").to(centres.device)
+    x_t = schedule.q_sample(centres * 2 - 1, t, noise)
+    logit = model.denoiser(x_t, t, batch["therapy"], batch["horizon"], encoded)
+    loss = calibrated_weighted_bce(logit.float(), centres, positive_weight)
+    loss = (loss * brain_cells).sum() / brain_cells.sum()
+    assert encoded.appearance is not None
+    near = model.decoder.support(centres).float()
+    if decoder_weight > 0 and float(near.sum()) > 0:
+        voxel_logit = model.decoder.logits(centres, encoded.appearance).float()
+        voxel_loss = F.binary_cross_entropy_with_logits(
+            voxel_logit, batch["target"], reduction="none"
+        )
+        loss = loss + decoder_weight * (voxel_loss * near).sum() / near.sum()
+    return loss
+
+
 def calibrated_weighted_bce(
     logit: torch.Tensor, target: torch.Tensor, positive_weight: float
 ) -> torch.Tensor:
@@ -161,6 +206,19 @@ def calibrated_weighted_bce(
     return F.binary_cross_entropy_with_logits(
         logit + math.log(positive_weight), target, reduction="none", pos_weight=pos_weight
     )
+
+
+def initialise_from(model: NET2Forecaster, weights: Path) -> int:
+    """Copy every tensor of ``weights`` whose name and shape match ``model``'s; return how many
+    were copied (the rest keeps its initialisation)."""
+    source = load_model(weights).state_dict()
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ConfigurationError(f"init_from {weights}: no tensor matches this model")
+    own.update(matched)
+    model.load_state_dict(own)
+    return len(matched)
 
 
 def _plot(history: dict[str, list[list[float]]], path: Path) -> None:
@@ -212,6 +270,9 @@ def train(
 
     torch.manual_seed(train_config.seed)
     model = NET2Forecaster(model_config).to(device)
+    if train_config.init_from:
+        copied = initialise_from(model, Path(train_config.init_from))
+        log.info("initialised %d tensors from %s", copied, train_config.init_from)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=train_config.learning_rate, weight_decay=train_config.weight_decay
     )
@@ -289,6 +350,7 @@ def train(
                             vgen,
                             train_config.positive_weight,
                             train_config.high_noise_share,
+                            train_config.decoder_weight,
                         )
                     )
                 )
@@ -311,6 +373,7 @@ def train(
                 generator,
                 train_config.positive_weight,
                 train_config.high_noise_share,
+                train_config.decoder_weight,
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -329,4 +392,12 @@ def train(
     return weights
 
 
-__all__ = ["calibrated_weighted_bce", "loss_on_batch", "pick_device", "sample_timesteps", "train"]
+__all__ = [
+    "calibrated_weighted_bce",
+    "centre_loss_on_batch",
+    "initialise_from",
+    "loss_on_batch",
+    "pick_device",
+    "sample_timesteps",
+    "train",
+]
