@@ -221,7 +221,9 @@ def initialise_from(model: NET2Forecaster, weights: Path) -> int:
     return len(matched)
 
 
-def _plot(history: dict[str, list[list[float]]], path: Path) -> None:
+def _plot(
+    history: dict[str, list[list[float]]], path: Path, ylabel: str = "BCE per brain voxel"
+) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if history["train"]:
         steps, values = zip(*history["train"], strict=True)
@@ -232,7 +234,7 @@ def _plot(history: dict[str, list[list[float]]], path: Path) -> None:
         steps, values = zip(*history["val"], strict=True)
         ax.plot(steps, values, "o-", label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("BCE per brain voxel")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -330,7 +332,13 @@ def train(
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"step": step, "history": history}))
         tmp.replace(state_path)
-        _plot(history, run_dir / "loss.png")
+        _plot(
+            history,
+            run_dir / "loss.png",
+            "centre BCE per brain cell + decoder BCE per voxel near a centre"
+            if model_config.centres
+            else "BCE per brain voxel",
+        )
 
     def validate() -> float:
         model.eval()
