@@ -120,8 +120,20 @@ def ensure_ohif_dist(version: str = OHIF_VERSION) -> Path:
             raise ToolUnavailableError(f"npm pack @ohif/app@{version} left {tarballs} in {tmp}")
         with tarfile.open(tarballs[0]) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("package/dist/")]
-            # The "data" filter refuses links and paths outside the destination.
-            tar.extractall(tmp, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                # The "data" filter refuses links and paths outside the destination.
+                tar.extractall(tmp, members=members, filter="data")
+            else:
+                # Python before 3.11.4 (Debian 12's 3.11.2) has no extraction filters: accept
+                # only plain files and folders inside package/dist.
+                unsafe = [
+                    m.name
+                    for m in members
+                    if not (m.isfile() or m.isdir()) or ".." in Path(m.name).parts
+                ]
+                if unsafe:
+                    raise ToolUnavailableError(f"unsafe members in the OHIF package: {unsafe}")
+                tar.extractall(tmp, members=members)
         if not (tmp / "package" / "dist" / "index.html").is_file():
             raise ToolUnavailableError(f"@ohif/app@{version} has no package/dist/index.html")
         with contextlib.suppress(OSError):  # another run finished first: keep its copy
