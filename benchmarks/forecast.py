@@ -31,6 +31,7 @@ from ms_forecast_node.forecast import metrics as M
 from ms_forecast_node.forecast.checkpoint import load_model
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import load_examples
+from ms_forecast_node.forecast.device import autocast, pick_device
 from ms_forecast_node.forecast.registry import default_entry, model_sampler, registered_models
 from ms_forecast_node.forecast.sampling import _components, forecast_study, sample_masks
 
@@ -51,15 +52,36 @@ def evaluated_sampler(model_path: Path, method: str | None, steps: int | None) -
     return model_sampler(entry, samples=8, seed=0, steps=steps, method=method)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, bf16 autocast"
+    return f"{torch.get_num_threads()} torch threads, device cpu"
+
+
 def full_forecast_child(model_path: str, cohort: str, cfg: SamplerConfig) -> None:
-    """Run in a fresh process: one full forecast, print timings and peak RSS as JSON."""
-    model = load_model(Path(model_path))
+    """Run in a fresh process: one full forecast, print timings and peak memory as JSON. On a
+    GPU a first, untimed forecast warms up the kernels (cuDNN picks its algorithms then)."""
+    device = pick_device()
+    model = load_model(Path(model_path), device=device)
     example = load_examples(Path(cohort), model.config, limit=1)[0]
+    if device.type == "cuda":
+        forecast_study(model, example.study, SIX, example.horizon_weeks, cfg)
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
     start = time.perf_counter()
     result = forecast_study(model, example.study, SIX, example.horizon_weeks, cfg)
+    synchronize(device)
     wall = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"wall_s": wall, "timings": result.timings_s, "peak_rss_mb": peak_kb / 1024}))
+    out = {"wall_s": wall, "timings": result.timings_s, "peak_rss_mb": peak_kb / 1024}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    print(json.dumps(out))
 
 
 def per_sample_scores(
@@ -84,14 +106,21 @@ def main() -> None:
     )
     parser.add_argument("--method", default=None, help="few-step sampler (default: evaluated)")
     parser.add_argument("--steps", type=int, default=None, help="its steps (default: evaluated)")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="samples per network call (full forecast)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     model_path = args.model or default_entry().file
     production = evaluated_sampler(model_path, args.method, args.steps)
+    if args.chunk_size is not None:
+        production = replace(production, chunk_size=args.chunk_size)
     if args.child:
         full_forecast_child(str(model_path), str(args.cohort), production)
         return
-    model = load_model(model_path)
+    device = pick_device()
+    model = load_model(model_path, device=device)
     examples = load_examples(args.cohort, model.config)
     if not args.all_patients:
         # Patients with NET2 lesions under their therapy: on the others both samplers score an
@@ -102,12 +131,18 @@ def main() -> None:
     ref = replace(few, method="ddpm")
     rows = []
     few_s = ref_s = 0.0
+    if device.type == "cuda" and examples:  # warm-up: cuDNN algorithm choice, allocations
+        e = examples[0]
+        sample_masks(model, e.study, [e.therapy], e.horizon_weeks, few)
     for e in examples:
+        synchronize(device)
         t0 = time.perf_counter()
         a, _ = sample_masks(model, e.study, [e.therapy], e.horizon_weeks, few)
+        synchronize(device)
         few_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         b, _ = sample_masks(model, e.study, [e.therapy], e.horizon_weeks, ref)
+        synchronize(device)
         ref_s += time.perf_counter() - t0
         da, fa, ca = per_sample_scores(a[0], e.target, few.min_lesion_voxels)
         db, fb, cb = per_sample_scores(b[0], e.target, few.min_lesion_voxels)
@@ -130,19 +165,28 @@ def main() -> None:
 
     # Encoding once vs at every call: time one encoder pass and one denoiser call.
     e = examples[0]
-    images = torch.from_numpy(e.study.images[None]).float()
-    flags = torch.from_numpy(e.study.flags[None]).float()
-    with torch.no_grad():
+    images = torch.from_numpy(e.study.images[None]).float().to(device)
+    flags = torch.from_numpy(e.study.flags[None]).float().to(device)
+    cell = model.decoder.CELL if model.decoder is not None else 1
+    x = torch.randn(8, 1, *(n // cell for n in e.study.images.shape[1:]), device=device)
+    t_mid = torch.full((8,), model.config.timesteps // 2, device=device)
+    th0 = torch.zeros(8, dtype=torch.long, device=device)
+    hz = torch.full((8,), 48.0, device=device)
+    repeats = 10 if device.type == "cuda" else 1
+    with torch.no_grad(), autocast(device):
+        enc = model.encoder(images, flags)  # warm-up
+        model.denoiser(x, t_mid, th0, hz, enc)
+        synchronize(device)
         t0 = time.perf_counter()
-        enc = model.encoder(images, flags)
-        enc_s = time.perf_counter() - t0
-        cell = model.decoder.CELL if model.decoder is not None else 1
-        x = torch.randn(8, 1, *(n // cell for n in e.study.images.shape[1:]))
+        for _ in range(repeats):
+            enc = model.encoder(images, flags)
+        synchronize(device)
+        enc_s = (time.perf_counter() - t0) / repeats
         t0 = time.perf_counter()
-        model.denoiser(
-            x, torch.full((8,), 500), torch.zeros(8, dtype=torch.long), torch.full((8,), 48.0), enc
-        )
-        den_s = (time.perf_counter() - t0) / 8
+        for _ in range(repeats):
+            model.denoiser(x, t_mid, th0, hz, enc)
+        synchronize(device)
+        den_s = (time.perf_counter() - t0) / 8 / repeats
     cfg = production
     calls = len(SIX) * cfg.samples * cfg.steps
     once = enc_s + calls * den_s
@@ -160,6 +204,8 @@ def main() -> None:
             cfg.method,
             "--steps",
             str(cfg.steps),
+            "--chunk-size",
+            str(cfg.chunk_size),
             "--child",
         ],
         capture_output=True,
@@ -168,7 +214,11 @@ def main() -> None:
     )
     full = json.loads(child.stdout.strip().splitlines()[-1])
     report = {
-        "machine": f"{torch.get_num_threads()} torch threads, device cpu",
+        "machine": machine(device),
+        "grid": {
+            "spacing_mm": model.config.spacing_mm,
+            "crop_shape": list(model.config.crop_shape),
+        },
         "model": str(model_path),
         "sampler_fidelity": {
             "reference": f"DDPM ancestral, {model.config.timesteps} steps",
@@ -192,6 +242,8 @@ def main() -> None:
             "wall_s": round(full["wall_s"], 1),
             "stage_s": {k: round(v, 2) for k, v in full["timings"].items()},
             "peak_rss_mb": round(full["peak_rss_mb"]),
+            "peak_gpu_mb": round(full["peak_gpu_mb"]) if "peak_gpu_mb" in full else None,
+            "chunk_size": cfg.chunk_size,
             "budget_s": 180,
             "goal_s": 120,
             "budget_peak_mb": 4096,
@@ -203,7 +255,10 @@ def main() -> None:
             "compute_share_saved": round(1 - once / every, 3),
         },
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

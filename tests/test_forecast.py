@@ -289,7 +289,7 @@ def test_high_noise_share_of_training_times() -> None:
 
 
 def test_random_crops_cut_inputs_target_and_brain_alike() -> None:
-    from ms_forecast_node.forecast.train import _random_crops
+    from ms_forecast_node.forecast.batches import random_crops as _random_crops
 
     rng = np.random.default_rng(0)
     shape = (16, 24, 16)

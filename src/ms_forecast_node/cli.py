@@ -197,6 +197,10 @@ def train_cmd(
         Optional[int],  # noqa: UP045
         typer.Option(help="Use only the first N patients (smoke tests)."),
     ] = None,
+    time_budget: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Wall-clock budget in seconds: the step count is fitted to it."),
+    ] = None,
 ) -> None:
     """Train the treatment-conditioned forecaster (seeded, resumable, safetensors)."""
     from dataclasses import replace
@@ -207,6 +211,8 @@ def train_cmd(
     model_cfg, train_cfg, _ = load_configs(config)
     if steps is not None:
         train_cfg = replace(train_cfg, steps=steps)
+    if time_budget is not None:
+        train_cfg = replace(train_cfg, time_budget_s=time_budget)
     if deterministic:
         model_cfg = replace(model_cfg, deterministic=True, name=model_cfg.name + "-unet-baseline")
     weights = train(cohort, out, model_cfg, train_cfg, limit=limit)

@@ -89,6 +89,10 @@ class TrainConfig:
     # encoder of a model trained on the same cohort); the rest keeps its initialisation.
     init_from: str | None = None
     decoder_weight: float = 1.0  # centre models: weight of the lesion-extent decoder's BCE
+    # Wall-clock budget in seconds (0: none). After 25 steps the run measures its step rate and
+    # lowers ``steps`` to what fits, so the learning-rate schedule still completes; a hard stop
+    # at the budget keeps the weights learnt so far (state.json says so).
+    time_budget_s: float = 0.0
 
 
 @dataclass(frozen=True)

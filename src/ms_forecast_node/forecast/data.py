@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,8 @@ def load_example(patient: CohortPatient, config: ModelConfig, cache_dir: Path | 
         target = _crop(net2, net2_grid, config) > 0
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npz")
+            # A private temporary name: several processes may fill one cache at once.
+            tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
             np.savez(tmp, images=study.images.astype(np.float16), flags=study.flags, target=target)
             tmp.replace(cache)
     return Example(
@@ -198,6 +200,31 @@ def load_example(patient: CohortPatient, config: ModelConfig, cache_dir: Path | 
     )
 
 
+def cache_folder(cohort: Path, config: ModelConfig) -> Path:
+    """The model-grid cache of a cohort. It holds crops, so its key is the grid spacing *and*
+    the crop shape."""
+    crop = "x".join(str(n) for n in config.crop_shape)
+    return cohort / f".model-cache-v{CACHE_FORMAT}-{config.spacing_mm:g}mm-{crop}"
+
+
+def _fill_one(job: tuple[CohortPatient, ModelConfig, Path]) -> None:
+    load_example(*job)
+
+
+def fill_cache(cohort: Path, config: ModelConfig, workers: int) -> int:
+    """Write the model-grid cache of every patient with ``workers`` processes (a training run
+    then reads the cache instead of resampling the images); returns the number of patients."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    _, patients = read_cohort(cohort)
+    folder = cache_folder(cohort, config)
+    jobs = [(p, config, folder) for p in patients]
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for _ in pool.map(_fill_one, jobs, chunksize=4):
+            pass
+    return len(jobs)
+
+
 def load_examples(
     cohort: Path, config: ModelConfig, cache: bool = True, limit: int | None = None
 ) -> list[Example]:
@@ -209,10 +236,7 @@ def load_examples(
         raise CohortFormatError(
             f"cohort grid is {spacing} mm but the model works at {config.spacing_mm} mm"
         )
-    # The cache holds model-grid crops, so its key is the grid spacing *and* the crop shape.
-    crop = "x".join(str(n) for n in config.crop_shape)
-    name = f".model-cache-v{CACHE_FORMAT}-{config.spacing_mm:g}mm-{crop}"
-    cache_dir = cohort / name if cache else None
+    cache_dir = cache_folder(cohort, config) if cache else None
     patients = patients[:limit] if limit else patients
     return [
         load_example(p, config, cache_dir)

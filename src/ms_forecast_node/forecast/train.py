@@ -26,86 +26,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ms_forecast_node.errors import ConfigurationError
+from ms_forecast_node.forecast.batches import ExampleBank
 from ms_forecast_node.forecast.checkpoint import load_model, save_model
-from ms_forecast_node.forecast.config import (
-    SEQUENCES,
-    ModelConfig,
-    TrainConfig,
-    config_dict,
-)
-from ms_forecast_node.forecast.data import Example, brain_mask, lesion_centres, load_examples
+from ms_forecast_node.forecast.config import ModelConfig, TrainConfig, config_dict
+from ms_forecast_node.forecast.data import load_examples
 from ms_forecast_node.forecast.device import autocast, pick_device
 from ms_forecast_node.forecast.diffusion import Schedule
 from ms_forecast_node.forecast.model import NET2Forecaster
 
 log = logging.getLogger(__name__)
-
-
-def _batch(
-    examples: list[Example],
-    config: ModelConfig,
-    train: TrainConfig,
-    rng: np.random.Generator,
-    device: torch.device,
-    augment: bool,
-) -> dict[str, torch.Tensor]:
-    therapy_index = {c: i for i, c in enumerate(config.therapies)}
-    images = np.stack([e.study.images for e in examples]).astype(np.float32)
-    flags = np.stack([e.study.flags for e in examples]).astype(np.float32)
-    therapy = np.array([therapy_index[e.therapy] for e in examples])
-    if augment:
-        for b in range(len(examples)):
-            # FLAIR (channel 0) is required; the other sequences may be missing at inference.
-            for s in range(1, len(SEQUENCES)):
-                if rng.random() < train.modality_dropout:
-                    images[b, s] = 0.0
-                    flags[b, s] = 0.0
-            if rng.random() < train.condition_dropout:
-                therapy[b] = len(config.therapies)  # null token
-    target = np.stack([e.target for e in examples]).astype(np.float32)[:, None]
-    brain = np.repeat(
-        brain_mask(config.spacing_mm, config.crop_shape).astype(np.float32)[None, None],
-        len(examples),
-        axis=0,
-    )
-    if augment and train.train_crop is not None:
-        images, target, brain = _random_crops(images, target, brain, train.train_crop, rng)
-    extra: dict[str, torch.Tensor] = {}
-    if config.centres:
-        centres = np.stack([lesion_centres(t[0] > 0) for t in target]).astype(np.float32)
-        extra["centres"] = torch.from_numpy(centres[:, None]).to(device)
-    return {
-        **extra,
-        "images": torch.from_numpy(np.ascontiguousarray(images)).to(device),
-        "flags": torch.from_numpy(flags).to(device),
-        "therapy": torch.from_numpy(therapy).long().to(device),
-        "horizon": torch.tensor([e.horizon_weeks for e in examples], device=device),
-        "target": torch.from_numpy(np.ascontiguousarray(target)).to(device),
-        "brain": torch.from_numpy(np.ascontiguousarray(brain)).to(device),
-    }
-
-
-def _random_crops(
-    images: np.ndarray,
-    target: np.ndarray,
-    brain: np.ndarray,
-    crop: tuple[int, int, int],
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One random crop per example. The crop position depends on nothing but the RNG, so the
-    conditional distribution of the target given the inputs is the same as on the whole grid
-    (the network is fully convolutional and sees the whole grid at inference)."""
-    shape = images.shape[2:]
-    if any(c > s or c % 8 for c, s in zip(crop, shape, strict=True)):
-        raise ValueError(f"train_crop {crop} must be multiples of 8 within {shape}")
-    out_i, out_t, out_b = [], [], []
-    for b in range(images.shape[0]):
-        st = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, crop, strict=True)]
-        k, j, i = (slice(a, a + c) for a, c in zip(st, crop, strict=True))
-        out_i.append(images[b, :, k, j, i])
-        out_t.append(target[b, :, k, j, i])
-        out_b.append(brain[b, :, k, j, i])
-    return np.stack(out_i), np.stack(out_t), np.stack(out_b)
 
 
 def sample_timesteps(
@@ -221,6 +150,11 @@ def initialise_from(model: NET2Forecaster, weights: Path) -> int:
     return len(matched)
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _plot(
     history: dict[str, list[list[float]]], path: Path, ylabel: str = "BCE per brain voxel"
 ) -> None:
@@ -257,6 +191,9 @@ def train(
             "whole study's, so crop training and whole-grid inference would disagree)"
         )
     device = pick_device()
+    if device.type == "cuda":
+        # Fixed input shapes: let cuDNN time its 3D convolution algorithms once and keep the best.
+        torch.backends.cudnn.benchmark = True
     if train_config.num_threads > 0:
         torch.set_num_threads(train_config.num_threads)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,8 +204,9 @@ def train(
     order = list(range(len(examples)))
     rng_split.shuffle(order)
     n_val = max(1, int(len(examples) * train_config.validation_fraction))
-    val = [examples[i] for i in order[:n_val]]
-    trn = [examples[i] for i in order[n_val:]]
+    val = ExampleBank([examples[i] for i in order[:n_val]], model_config, device)
+    trn = ExampleBank([examples[i] for i in order[n_val:]], model_config, device)
+    del examples  # the banks hold what training needs
 
     torch.manual_seed(train_config.seed)
     model = NET2Forecaster(model_config).to(device)
@@ -279,6 +217,7 @@ def train(
         model.parameters(), lr=train_config.learning_rate, weight_decay=train_config.weight_decay
     )
     step = 0
+    planned_total: int | None = None
     history: dict[str, list[list[float]]] = {"train": [], "val": []}
     rng = np.random.default_rng(train_config.seed)
     generator = torch.Generator().manual_seed(train_config.seed)
@@ -294,6 +233,8 @@ def train(
         optimizer.load_state_dict(torch.load(run_dir / "optimizer.pt", map_location=device))
         step = int(state["step"])
         history = state["history"]
+        # A schedule fitted to a time budget stays fitted when the run resumes.
+        planned_total = state.get("budget_total_steps") if train_config.time_budget_s else None
         rng = np.random.default_rng([train_config.seed, step])
         generator = torch.Generator().manual_seed(train_config.seed * 1_000_003 + step)
         log.info("resuming %s at step %d", run_dir, step)
@@ -308,8 +249,9 @@ def train(
         )
     )
     schedule = Schedule(model_config.timesteps)
-    total = train_config.steps
-    warmup = min(200, total // 10)
+    total = int(planned_total) if planned_total else train_config.steps
+    warmup = min(200, train_config.steps // 10)
+    stopped_by_time = False
 
     def lr_at(s: int) -> float:
         if s < warmup:
@@ -330,7 +272,18 @@ def train(
                 old.unlink()
         torch.save(optimizer.state_dict(), run_dir / "optimizer.pt")
         tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, "history": history}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "total_steps": total,
+                    "budget_total_steps": planned_total,
+                    "configured_steps": train_config.steps,
+                    "stopped_by_time_limit": stopped_by_time,
+                    "history": history,
+                }
+            )
+        )
         tmp.replace(state_path)
         _plot(
             history,
@@ -347,8 +300,8 @@ def train(
         vrng = np.random.default_rng(12345)
         with torch.no_grad(), autocast(device):
             for i in range(0, len(val), train_config.batch_size):
-                chunk = val[i : i + train_config.batch_size]
-                batch = _batch(chunk, model_config, train_config, vrng, device, augment=False)
+                chunk = range(i, min(len(val), i + train_config.batch_size))
+                batch = val.batch(chunk, train_config, vrng, augment=False)
                 losses.append(
                     float(
                         loss_on_batch(
@@ -368,11 +321,36 @@ def train(
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", unit="step")
     start = time.perf_counter()
+    first_step = step
+    budget = train_config.time_budget_s
+    calibrate_at = (first_step + 5, first_step + 25)
+    calibration_start = start
     while step < total:
+        if budget > 0 and step == calibrate_at[0]:
+            _synchronize(device)
+            calibration_start = time.perf_counter()
+        if budget > 0 and step == calibrate_at[1] and planned_total is None:
+            # Fit the run to the wall-clock budget from the measured step rate (after a few
+            # warm-up steps); 10 % is kept for validation and checkpoints. Recorded in
+            # state.json, so a resumed run keeps the same schedule.
+            _synchronize(device)
+            rate = (calibrate_at[1] - calibrate_at[0]) / (time.perf_counter() - calibration_start)
+            left = budget - (time.perf_counter() - start)
+            total = max(step + 1, min(train_config.steps, step + int(0.9 * rate * left)))
+            planned_total = total
+            bar.total = total
+            log.info("time budget %.0f s: %.2f steps/s, training %d steps", budget, rate, total)
+        if budget > 0 and time.perf_counter() - start > budget:
+            # A hard stop in case the rate changed: keep what was learnt, say so in state.json.
+            stopped_by_time = True
+            log.warning("time budget of %.0f s spent at step %d of %d", budget, step, total)
+            history["val"].append([step, validate()])
+            checkpoint()
+            break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        chunk = [trn[i] for i in rng.choice(len(trn), train_config.batch_size, replace=False)]
-        batch = _batch(chunk, model_config, train_config, rng, device, augment=True)
+        chunk = rng.choice(len(trn), train_config.batch_size, replace=False).tolist()
+        batch = trn.batch(chunk, train_config, rng, augment=True)
         with autocast(device):
             loss = loss_on_batch(
                 model,

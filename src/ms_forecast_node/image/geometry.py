@@ -9,9 +9,13 @@ files store RAS affines and are converted at the file boundary only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    # Imported where used: the forecaster and the simulator use grids without ITK.
+    import SimpleITK as sitk
 
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -112,6 +116,8 @@ class Grid:
         """Wrap a ``[k, j, i]`` array into a SimpleITK image with this grid's geometry."""
         if tuple(array.shape) != self.shape:
             raise ValueError(f"array shape {array.shape} does not match grid {self.shape}")
+        import SimpleITK as sitk
+
         image = sitk.GetImageFromArray(np.ascontiguousarray(array))
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
