@@ -86,7 +86,7 @@ HELD=$WORK/cohorts/heldout-s2000
 ONE_MM=$WORK/cohorts/heldout-1mm-s2000
 
 # --- training cohort, cache, then both trainings in the background -----------------------
-OMP_NUM_THREADS=1 run simulate-train 150 $TASKS simulate --out "$TRAIN_COHORT" --n "$N_TRAIN" \
+OMP_NUM_THREADS=1 run simulate-train 180 $TASKS simulate --out "$TRAIN_COHORT" --n "$N_TRAIN" \
     --seed 1000 --workers "$WORKERS" || exit 1
 OMP_NUM_THREADS=1 run cache-train 120 $TASKS cache --cohort "$TRAIN_COHORT" --config "$C2" \
     --workers "$WORKERS" || exit 1
