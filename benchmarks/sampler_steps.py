@@ -8,7 +8,7 @@ the reference costs minutes per patient; on a GPU seconds.
 
     .venv/bin/python benchmarks/sampler_steps.py --cohort var/cohorts/heldout-s2000 \
         [--model PATH] [--patients 16] [--samples 32] \
-        [--samplers ddpm:1000 dpmpp2m:6 dpmpp2m:12 ddim:25] [--out FILE.json]
+        [--samplers ddpm:1000 dpmpp2m:6 ancestral:8 ddim:25] [--out FILE.json]
 """
 
 from __future__ import annotations

@@ -234,3 +234,45 @@ def test_six_step_solver_keeps_rare_independent_events(q: float) -> None:
     if q == 1e-4:
         four = (dpmpp2m_sample(exact_logit, schedule, noise, steps=4) > 0).float().mean().item()
         assert four / q < 0.5, four / q
+
+
+@pytest.mark.parametrize("q", [1e-2, 1e-3])
+def test_ancestral_sampler_keeps_rare_events_at_any_step_count(q: float) -> None:
+    """The ODE solvers plug the mean E[x0] into each update, and their last jump rounds every
+    undecided rare event to "absent": with 3 steps DPM-Solver++(2M) keeps under half of the
+    events at q = 1e-3. The ancestral sampler draws x0 from the network's probability at every
+    step, which is exact for independent cells: it keeps their frequency within 12 % with 2,
+    4 or 8 steps."""
+    from ms_forecast_node.forecast.diffusion import ancestral_sample, dpmpp2m_sample
+
+    schedule = Schedule(1000)
+
+    def exact_logit(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = schedule.ab(t).view(-1, *([1] * (x.dim() - 1)))
+        return math.log(q / (1 - q)) + 2 * ab.sqrt() * x / (1 - ab)
+
+    noise = torch.randn((8, 1, 64, 64, 64), generator=torch.Generator().manual_seed(2))
+    for steps in (2, 4, 8):
+        gens = [torch.Generator().manual_seed(100 * steps + i) for i in range(8)]
+        drawn = (ancestral_sample(exact_logit, schedule, noise, steps, gens) > 0).float()
+        assert abs(drawn.mean().item() / q - 1.0) < 0.12, (steps, drawn.mean().item() / q)
+    if q == 1e-3:
+        rounded = (dpmpp2m_sample(exact_logit, schedule, noise, 3) > 0).float().mean().item()
+        assert rounded / q < 0.5, rounded / q
+
+
+def test_ancestral_sampling_is_seeded_and_couples_therapies_sample_by_sample() -> None:
+    """Common random numbers: sample s uses the same draws under every therapy, so where one
+    therapy's cell probabilities are all lower, its lesions are a subset of the other's."""
+    model = _model(base_logit=-1.0)
+    study = _study()
+    cfg = SamplerConfig(method="ancestral", steps=4, samples=3, seed=5, chunk_size=4)
+    a, _ = sample_masks(model, study, ["placebo", "natalizumab"], 48.0, cfg)
+    b, _ = sample_masks(model, study, ["placebo", "natalizumab"], 48.0, cfg)
+    assert np.array_equal(a, b) and a.any()
+    other, _ = sample_masks(model, study, ["placebo", "natalizumab"], 48.0, replace(cfg, seed=6))
+    assert not np.array_equal(a, other)
+    # The same therapy twice in one call: identical samples (shared random numbers), even
+    # though the two rows fall into different network batches (chunk_size 4, 6 rows).
+    twice, _ = sample_masks(model, study, ["placebo", "placebo"], 48.0, cfg)
+    assert np.array_equal(twice[0], twice[1])

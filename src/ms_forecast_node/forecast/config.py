@@ -12,7 +12,7 @@ from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.simulate.therapies import therapy_codes
 
 SEQUENCES = ("FLAIR", "T1", "T2", "PD")
-SAMPLER_METHODS = ("dpmpp2m", "ddim", "ddpm")
+SAMPLER_METHODS = ("dpmpp2m", "ddim", "ancestral", "ddpm")
 # What the diffusion generates: the NET2 voxel mask itself (0.1.x), or the map of NET2 lesion
 # centres on cells of 4×4×4 model-grid voxels, from which a deterministic decoder draws each
 # lesion's voxels (0.3.x; see docs/forecaster.md).
@@ -97,7 +97,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    # "dpmpp2m" or "ddim" (few-step ODE solvers) or "ddpm" (ancestral over all training steps)
+    # "dpmpp2m" or "ddim" (few-step ODE solvers), "ancestral" (few-step, draws the clean mask at
+    # every step: keeps rare events at any step count, see diffusion.ancestral_sample) or
+    # "ddpm" (the reference: ancestral over all training steps with the posterior mean)
     method: str = "ddim"
     steps: int = 8
     samples: int = 8

@@ -28,6 +28,7 @@ from ms_forecast_node.forecast.device import autocast
 from ms_forecast_node.forecast.diffusion import (
     LogitFn,
     Schedule,
+    ancestral_sample,
     ddim_sample,
     ddpm_sample,
     dpmpp2m_sample,
@@ -136,6 +137,14 @@ def sample_masks(
             elif config.method == "ddpm":
                 gen = torch.Generator(device=device).manual_seed(config.seed + first)
                 masks = ddpm_sample(fn, schedule, x_init, generator=gen) > 0
+            elif config.method == "ancestral":
+                # Per-sample random streams, the same under every therapy (common random
+                # numbers): a therapy that lowers every cell's probability keeps a subset of
+                # the lesions drawn under a weaker one, sample by sample.
+                streams = [
+                    torch.Generator().manual_seed(config.seed * 1_000_003 + s) for _, s in chunk
+                ]
+                masks = ancestral_sample(fn, schedule, x_init, config.steps, streams) > 0
             elif config.method == "dpmpp2m":
                 masks = dpmpp2m_sample(fn, schedule, x_init, config.steps) > 0
             else:
