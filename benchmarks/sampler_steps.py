@@ -74,7 +74,7 @@ def main() -> None:
     for spec in args.samplers:
         method, steps = spec.split(":")
         cfg = replace(base, method=method, steps=int(steps))
-        counts, seconds = [], 0.0
+        counts, seconds, rows = [], 0.0, []
         for e in examples:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -86,12 +86,23 @@ def main() -> None:
             counts.append(
                 float(np.mean([_components(m, cfg.min_lesion_voxels)[1] for m in masks[0]]))
             )
+            rows.append(
+                {
+                    "patient": e.patient_id,
+                    "lesions_per_sample": counts[-1],
+                    "dice": float(np.mean([M.dice(m, e.target) for m in masks[0]])),
+                    "lesion_f1": float(
+                        np.mean([M.lesion_detection(m, e.target).f1 for m in masks[0]])
+                    ),
+                }
+            )
         per_sampler[spec] = counts
         report["samplers"][spec] = {  # type: ignore[index]
             "lesions_per_sample": float(np.mean(counts)),
             "seconds": round(seconds, 2),
+            "per_patient": rows,
         }
-        print(spec, report["samplers"][spec], flush=True)  # type: ignore[index]
+        print(spec, float(np.mean(counts)), round(seconds, 1), flush=True)
     reference = next((k for k in per_sampler if k.startswith("ddpm")), None)
     if reference is not None:
         ref = np.asarray(per_sampler[reference])
