@@ -252,6 +252,11 @@ def test_training_runs_resumes_and_writes_curves(small_cohort: Path, tmp_path: P
     assert state["step"] == 4
     assert all(math.isfinite(v) for _, v in state["history"]["train"])
     assert len(state["history"]["val"]) == 2
+    # Early stopping: best.safetensors holds the step with the lowest validation loss.
+    vals = dict((int(s), v) for s, v in state["history"]["val"])
+    best_step, best_val = state["best_validation"]
+    assert best_val == min(vals.values()) and vals[best_step] == best_val
+    assert (run / "best.safetensors").is_file()
 
 
 def test_weighted_bce_keeps_the_trained_logit_calibrated() -> None:

@@ -3,7 +3,9 @@
 Seeded and resumable: every ``checkpoint_every`` steps the run folder receives
 ``model.safetensors`` (weights + config), ``optimizer.pt`` and ``state.json`` (step, losses,
 RNG states); a new call with the same folder continues from there. Loss curves go to
-``loss.png``. Mixed precision (bf16 autocast) is used on CUDA.
+``loss.png``. Mixed precision (bf16 autocast) is used on CUDA. ``best.safetensors`` keeps the
+checkpoint with the lowest validation loss (early stopping), and ``train.time_budget_s`` fits
+the run to a wall-clock budget.
 """
 
 from __future__ import annotations
@@ -259,8 +261,19 @@ def train(
         progress = (s - warmup) / max(1, total - warmup)
         return train_config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
+    def best_so_far() -> tuple[int, float] | None:
+        if not history["val"]:
+            return None
+        best_step, best_val = min(history["val"], key=lambda sv: sv[1])
+        return int(best_step), float(best_val)
+
     def checkpoint() -> None:
         save_model(model, weights, {"step": step, "cohort": str(cohort)})
+        best = best_so_far()
+        if best is not None and best[0] == step:
+            # The weights with the lowest validation loss so far, for early stopping: on a
+            # few hundred patients a long run overfits (docs/evaluation/gpu-h200).
+            shutil.copyfile(weights, run_dir / "best.safetensors")
         if train_config.keep_last_checkpoints > 0:
             # Copies for weight averaging (average_checkpoints); only the newest are kept.
             snapshots = run_dir / "snapshots"
@@ -280,6 +293,7 @@ def train(
                     "budget_total_steps": planned_total,
                     "configured_steps": train_config.steps,
                     "stopped_by_time_limit": stopped_by_time,
+                    "best_validation": best_so_far(),
                     "history": history,
                 }
             )
