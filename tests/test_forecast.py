@@ -13,7 +13,7 @@ import torch
 
 from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.checkpoint import ModelLoadError, load_model, save_model, sha256_of
-from ms_forecast_node.forecast.config import ModelConfig, SamplerConfig, TrainConfig
+from ms_forecast_node.forecast.config import SamplerConfig, TrainConfig
 from ms_forecast_node.forecast.data import prepare_study
 from ms_forecast_node.forecast.diffusion import (
     Schedule,
@@ -25,14 +25,7 @@ from ms_forecast_node.forecast.diffusion import (
 from ms_forecast_node.forecast.model import NET2Forecaster, depth_to_space, space_to_depth
 from ms_forecast_node.forecast.registry import ModelEntry, model_sampler
 from ms_forecast_node.forecast.sampling import forecast_study, sample_masks
-
-TINY = ModelConfig(
-    crop_shape=(16, 24, 16),
-    encoder_channels=(8, 16, 16),
-    denoiser_channels=(0, 16, 16),
-    embed_dim=32,
-    timesteps=50,
-)
+from tests.forecast_cases import TINY
 
 
 def _tiny_study(seed: int = 0):

@@ -14,16 +14,7 @@ from ms_forecast_node.forecast.batches import ExampleBank
 from ms_forecast_node.forecast.config import SEQUENCES, ModelConfig, TrainConfig
 from ms_forecast_node.forecast.data import Example, lesion_centres, prepare_study
 from ms_forecast_node.forecast.model import LesionDecoder
-
-CENTRES = ModelConfig(
-    crop_shape=(16, 24, 16),
-    encoder_channels=(8, 16, 16),
-    denoiser_channels=(0, 16, 16),
-    embed_dim=32,
-    timesteps=50,
-    diffusion_target="centres",
-    rate_offsets=True,
-)
+from tests.forecast_cases import CENTRES
 
 
 def _examples(n: int, config: ModelConfig = CENTRES) -> list[Example]:
@@ -96,9 +87,12 @@ def test_time_budget_fits_the_run_and_records_it(small_cohort: Path, tmp_path: P
     run = tmp_path / "run"
     train(small_cohort, run, CENTRES, cfg)
     state = json.loads((run / "state.json").read_text())
-    assert 25 <= state["step"] < 100_000
-    # Either the fitted schedule completed, or the hard stop kept the weights learnt so far.
-    assert state["budget_total_steps"] is not None or state["stopped_by_time_limit"]
-    if not state["stopped_by_time_limit"]:
-        assert state["step"] == state["total_steps"] == state["budget_total_steps"]
+    # However fast the machine: the budget ends the run long before 100 000 steps, either at the
+    # step count fitted after 25 measured steps or by the hard stop (slow or loaded machine).
+    assert 1 <= state["step"] < 100_000
+    if state["budget_total_steps"] is None:
+        assert state["stopped_by_time_limit"]
+    else:
+        assert state["step"] >= 25
+        assert state["stopped_by_time_limit"] or state["step"] == state["budget_total_steps"]
     assert (run / "model.safetensors").is_file()

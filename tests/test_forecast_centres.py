@@ -19,16 +19,8 @@ from ms_forecast_node.forecast.data import lesion_centres, prepare_study
 from ms_forecast_node.forecast.diffusion import Schedule
 from ms_forecast_node.forecast.model import LesionDecoder, NET2Forecaster
 from ms_forecast_node.forecast.sampling import forecast_study, sample_masks
+from tests.forecast_cases import CENTRES
 
-CENTRES = ModelConfig(
-    crop_shape=(16, 24, 16),
-    encoder_channels=(8, 16, 16),
-    denoiser_channels=(0, 16, 16),
-    embed_dim=32,
-    timesteps=50,
-    diffusion_target="centres",
-    rate_offsets=True,
-)
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
 
