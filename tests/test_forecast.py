@@ -349,3 +349,16 @@ def test_average_checkpoints_is_the_mean_of_the_weights(tmp_path: Path) -> None:
         average_checkpoints(
             [tmp_path / "a.safetensors", tmp_path / "other.safetensors"], tmp_path / "x"
         )
+
+
+def test_every_shipped_configuration_file_loads() -> None:
+    """configs/*.yaml are read with unknown keys rejected: a typo there fails here, not an
+    hour into a run (or on a lent GPU)."""
+    from ms_forecast_node.forecast.config import load_configs
+
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(folder.glob("*.yaml"))
+    assert len(files) >= 8
+    for path in files:
+        model, train, sampler = load_configs(path)
+        assert model.crop_shape and train.steps > 0 and sampler.samples > 0, path
