@@ -126,8 +126,8 @@ def random_crops(
         out_t.append(target[b, :, k, j, i])
         out_b.append(brain[b, :, k, j, i])
     if isinstance(images, np.ndarray):
-        return np.stack(out_i), np.stack(out_t), np.stack(out_b)  # type: ignore[return-value]
-    return torch.stack(out_i), torch.stack(out_t), torch.stack(out_b)  # type: ignore[return-value]
+        return np.stack(out_i), np.stack(out_t), np.stack(out_b)
+    return torch.stack(out_i), torch.stack(out_t), torch.stack(out_b)
 
 
 __all__ = ["ExampleBank", "random_crops"]
