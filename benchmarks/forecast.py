@@ -31,7 +31,7 @@ from ms_forecast_node.forecast import metrics as M
 from ms_forecast_node.forecast.checkpoint import load_model
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import load_examples
-from ms_forecast_node.forecast.device import autocast, pick_device
+from ms_forecast_node.forecast.device import autocast, pick_device, synchronize
 from ms_forecast_node.forecast.registry import default_entry, model_sampler, registered_models
 from ms_forecast_node.forecast.sampling import _components, forecast_study, sample_masks
 
@@ -50,11 +50,6 @@ def evaluated_sampler(model_path: Path, method: str | None, steps: int | None) -
     defaults; ``method`` / ``steps`` override either."""
     entry = next((m for m in registered_models() if m.file.resolve() == model_path.resolve()), None)
     return model_sampler(entry, samples=8, seed=0, steps=steps, method=method)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def machine(device: torch.device) -> str:

@@ -26,7 +26,7 @@ from ms_forecast_node.forecast import metrics as M
 from ms_forecast_node.forecast.checkpoint import load_model
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import load_examples
-from ms_forecast_node.forecast.device import pick_device
+from ms_forecast_node.forecast.device import pick_device, synchronize
 from ms_forecast_node.forecast.registry import default_entry
 from ms_forecast_node.forecast.sampling import _components, sample_masks
 
@@ -76,12 +76,10 @@ def main() -> None:
         cfg = replace(base, method=method, steps=int(steps))
         counts, seconds, rows = [], 0.0, []
         for e in examples:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             masks, _ = sample_masks(model, e.study, [e.therapy], e.horizon_weeks, cfg)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             seconds += time.perf_counter() - t0
             counts.append(
                 float(np.mean([_components(m, cfg.min_lesion_voxels)[1] for m in masks[0]]))

@@ -135,6 +135,18 @@ def dpmpp2m_sample(
     return logit
 
 
+def posterior(ab_t: float, ab_s: float) -> tuple[float, float, float]:
+    """``q(x_s | x_t, x0) = N(c0·x0 + ct·x_t, var)`` for steps s < t of the forward process
+    (Ho et al. 2020, eq. 6-7, with ᾱ_t / ᾱ_s as the transition from s to t); returns
+    ``(c0, ct, var)``."""
+    alpha = ab_t / ab_s
+    beta = 1.0 - alpha
+    coef_x0 = math.sqrt(ab_s) * beta / (1.0 - ab_t)
+    coef_xt = math.sqrt(alpha) * (1.0 - ab_s) / (1.0 - ab_t)
+    var = beta * (1.0 - ab_s) / (1.0 - ab_t)
+    return coef_x0, coef_xt, var
+
+
 @torch.no_grad()
 def ddpm_sample(
     logit_fn: LogitFn,
@@ -152,13 +164,7 @@ def ddpm_sample(
         if t_now == 0:
             break
         x0 = x0_from_logit(logit)
-        ab_t, ab_prev = ab[t_now].item(), ab[t_now - 1].item()
-        alpha_t = ab_t / ab_prev
-        beta_t = 1 - alpha_t
-        # Posterior q(x_{t-1} | x_t, x0) of DDPM (Ho et al. 2020, eq. 6-7).
-        coef_x0 = math.sqrt(ab_prev) * beta_t / (1 - ab_t)
-        coef_xt = math.sqrt(alpha_t) * (1 - ab_prev) / (1 - ab_t)
-        var = beta_t * (1 - ab_prev) / (1 - ab_t)
+        coef_x0, coef_xt, var = posterior(ab[t_now].item(), ab[t_now - 1].item())
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = coef_x0 * x0 + coef_xt * x + math.sqrt(var) * z
     return logit
@@ -204,11 +210,7 @@ def ancestral_sample(
         x0 = (draw("u") < p).float() * 2.0 - 1.0
         if n + 1 == len(seq):
             break
-        ab_t, ab_s = float(ab[t_now]), float(ab[seq[n + 1]])
-        a_ts = ab_t / ab_s  # forward transition s -> t
-        coef_x0 = math.sqrt(ab_s) * (1.0 - a_ts) / (1.0 - ab_t)
-        coef_xt = math.sqrt(a_ts) * (1.0 - ab_s) / (1.0 - ab_t)
-        var = (1.0 - a_ts) * (1.0 - ab_s) / (1.0 - ab_t)
+        coef_x0, coef_xt, var = posterior(float(ab[t_now]), float(ab[seq[n + 1]]))
         x = coef_x0 * x0 + coef_xt * x + math.sqrt(var) * draw("z")
     return x0
 

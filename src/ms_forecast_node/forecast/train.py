@@ -32,7 +32,7 @@ from ms_forecast_node.forecast.batches import ExampleBank
 from ms_forecast_node.forecast.checkpoint import load_model, save_model
 from ms_forecast_node.forecast.config import ModelConfig, TrainConfig, config_dict
 from ms_forecast_node.forecast.data import load_examples
-from ms_forecast_node.forecast.device import autocast, pick_device
+from ms_forecast_node.forecast.device import autocast, pick_device, synchronize
 from ms_forecast_node.forecast.diffusion import Schedule
 from ms_forecast_node.forecast.model import NET2Forecaster
 
@@ -150,11 +150,6 @@ def initialise_from(model: NET2Forecaster, weights: Path) -> int:
     own.update(matched)
     model.load_state_dict(own)
     return len(matched)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _plot(
@@ -341,13 +336,13 @@ def train(
     calibration_start = start
     while step < total:
         if budget > 0 and step == calibrate_at[0]:
-            _synchronize(device)
+            synchronize(device)
             calibration_start = time.perf_counter()
         if budget > 0 and step == calibrate_at[1] and planned_total is None:
             # Fit the run to the wall-clock budget from the measured step rate (after a few
             # warm-up steps); 10 % is kept for validation and checkpoints. Recorded in
             # state.json, so a resumed run keeps the same schedule.
-            _synchronize(device)
+            synchronize(device)
             rate = (calibrate_at[1] - calibrate_at[0]) / (time.perf_counter() - calibration_start)
             left = budget - (time.perf_counter() - start)
             total = max(step + 1, min(train_config.steps, step + int(0.9 * rate * left)))
