@@ -22,30 +22,8 @@ FID_SAMPLES=${FID_SAMPLES:-32}
 WORKERS=${WORKERS:-16}
 DEADLINE_S=${DEADLINE_S:-575}
 WORK=${WORK:-/tmp/msfn-gpu}
-T0=$(date +%s)
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT" "$WORK/logs"
-LOGS=$WORK/logs
+source "$(dirname "$0")/common.sh"
 
-say() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$LOGS/session.log"; }
-left() { echo $((DEADLINE_S - ($(date +%s) - T0))); }
-# run NAME SECONDS CMD...: a stage with its own log, stopped at min(SECONDS, time left - 15).
-run() {
-    local name=$1 limit=$2
-    shift 2
-    local cap=$(($(left) - 15))
-    ((limit > cap)) && limit=$cap
-    if ((limit < 5)); then
-        say "skip $name: no time left"
-        return 1
-    fi
-    say "start $name (limit ${limit} s)"
-    timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
-    local rc=$?
-    say "end $name rc=$rc"
-    tail -n 3 "$LOGS/$name.log" | sed "s/^/    $name| /" | tee -a "$LOGS/session.log"
-    return $rc
-}
 bundle() {
     # Small products in one archive; weights as separate files (each under 16 MiB).
     tar -czf "$OUT/bundle.tar.gz" -C "$WORK" logs results 2>/dev/null
@@ -55,28 +33,8 @@ bundle() {
     cp "$LOGS/session.log" "$OUT/session.log"
 }
 trap bundle EXIT
-mkdir -p "$WORK/results" "$WORK/runs"
 
-# --- environment -------------------------------------------------------------------------
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || say "wheel install failed"
-    export PYTHONPATH=/tmp/site:$PWD/src
-else
-    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-fi
-if [ -d .gpudata ]; then
-    mkdir -p /tmp/site/nilearn/datasets/data /usr/share/mricron/templates
-    cp .gpudata/mni_icbm152_* /tmp/site/nilearn/datasets/data/
-    cp -n .gpudata/*.nii* /usr/share/mricron/templates/ 2>/dev/null
-    rm -f /usr/share/mricron/templates/mni_icbm152_*
-fi
-{
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1
-    python3 -c "import sys, torch, numpy, scipy; print(sys.version); print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numpy', numpy.__version__, 'scipy', scipy.__version__)"
-    nproc
-} >"$WORK/results/machine.txt" 2>&1
-cat "$WORK/results/machine.txt" | tee -a "$LOGS/session.log"
+prepare_environment
 TASKS="python3 benchmarks/gpu/tasks.py"
 C2=configs/gpu-2mm-centres-v0.4.yaml
 CU=configs/gpu-2mm-unet-baseline.yaml
@@ -108,11 +66,7 @@ OMP_NUM_THREADS=4 run fidelity-shipped $((BUDGET_S + 60)) python3 benchmarks/for
     --cohort "$HELD" --patients "$FID_PATIENTS" --samples "$FID_SAMPLES" \
     --out "$WORK/results/benchmark-shipped-during-training.json"
 wait $DIFF $UNET
-for r in "$WORK"/runs/*; do
-    [ -f "$r/state.json" ] && python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(sys.argv[1], 'step', s['step'], 'of', s.get('total_steps'), 'stopped_by_time', s.get('stopped_by_time_limit'), 'last val', s['history']['val'][-1:])" "$r/state.json" | tee -a "$LOGS/session.log"
-    mkdir -p "$WORK/results/$(basename "$r")"
-    cp "$r"/state.json "$r"/config.json "$r"/loss.png "$WORK/results/$(basename "$r")/" 2>/dev/null
-done
+collect_runs
 
 # --- the trained model alone on the GPU: 1 mm timings first, then fidelity at 2 mm -------
 NEW=$WORK/runs/diffusion-v0.4/model.safetensors

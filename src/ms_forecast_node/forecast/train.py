@@ -32,7 +32,7 @@ from ms_forecast_node.forecast.batches import ExampleBank
 from ms_forecast_node.forecast.checkpoint import load_model, save_model
 from ms_forecast_node.forecast.config import ModelConfig, TrainConfig, config_dict
 from ms_forecast_node.forecast.data import load_examples
-from ms_forecast_node.forecast.device import autocast, pick_device, synchronize
+from ms_forecast_node.forecast.device import autocast, describe, pick_device, synchronize
 from ms_forecast_node.forecast.diffusion import Schedule
 from ms_forecast_node.forecast.model import NET2Forecaster
 
@@ -241,6 +241,7 @@ def train(
                 "model": config_dict(model_config),
                 "train": config_dict(train_config),
                 "cohort": str(cohort),
+                "device": describe(device),
             },
             indent=2,
         )
