@@ -6,6 +6,7 @@ many processes, train from a config, and make a model at another grid from train
     python benchmarks/gpu/tasks.py cache --cohort DIR --config configs/X.yaml [--workers 16]
     python benchmarks/gpu/tasks.py train --cohort DIR --out RUN --config X.yaml [--deterministic]
     python benchmarks/gpu/tasks.py regrid --weights W --config configs/Y.yaml --out W2
+    python benchmarks/gpu/tasks.py evaluate --cohort DIR --model W --out DIR --samples 32 [...]
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def main() -> None:
     rg.add_argument("--weights", type=Path, required=True)
     rg.add_argument("--config", type=Path, required=True)
     rg.add_argument("--out", type=Path, required=True)
+    ev = sub.add_parser("evaluate")
+    ev.add_argument("--cohort", type=Path, required=True)
+    ev.add_argument("--model", type=Path, required=True)
+    ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("--config", type=Path, default=None, help="sampler section (default: 0.3.0's)")
+    ev.add_argument("--samples", type=int, default=None)
+    ev.add_argument("--baseline", type=Path, default=None)
+    ev.add_argument("--train-cohort", type=Path, default=None)
+    ev.add_argument("--limit", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     start = time.perf_counter()
@@ -72,6 +82,18 @@ def main() -> None:
             )
         train(args.cohort, args.out, model_cfg, train_cfg)
         log.info("trained in %.0f s", time.perf_counter() - start)
+    elif args.task == "evaluate":
+        from ms_forecast_node.forecast.config import load_configs
+        from ms_forecast_node.forecast.evaluate import evaluate
+
+        config = args.config or Path("configs/cpu-2mm-centres-v0.3.yaml")
+        _, _, sampler = load_configs(config)
+        if args.samples is not None:
+            sampler = replace(sampler, samples=args.samples)
+        evaluate(
+            args.cohort, args.model, args.out, sampler, args.baseline, args.train_cohort, args.limit
+        )
+        log.info("evaluated in %.0f s", time.perf_counter() - start)
     else:
         from ms_forecast_node.forecast.checkpoint import save_model
         from ms_forecast_node.forecast.config import load_configs

@@ -270,6 +270,9 @@ def evaluate_cmd(
         typer.Option(help="Sampler: dpmpp2m, ddim or ddpm (default: the config's)."),
     ] = None,
     limit: Annotated[Optional[int], typer.Option(help="First N patients only.")] = None,  # noqa: UP045
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present, else CPU), cpu or cuda.")
+    ] = "auto",
 ) -> None:
     """Evaluate on a held-out cohort against base-rate, U-Net, image-ceiling and oracle
     references."""
@@ -285,7 +288,7 @@ def evaluate_cmd(
         sampler = replace(sampler, steps=steps)
     if method is not None:
         sampler = replace(sampler, method=method)
-    evaluate(cohort, model, out, sampler, baseline, train_cohort, limit)
+    evaluate(cohort, model, out, sampler, baseline, train_cohort, limit, device)
     typer.echo((out / "report.md").read_text())
 
 

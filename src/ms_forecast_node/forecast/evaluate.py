@@ -44,6 +44,7 @@ from ms_forecast_node.forecast.ceilings import (
 from ms_forecast_node.forecast.checkpoint import load_model, sha256_of
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import Example, load_examples
+from ms_forecast_node.forecast.device import autocast, pick_device
 from ms_forecast_node.forecast.model import NET2Forecaster
 from ms_forecast_node.forecast.sampling import (
     _components,
@@ -76,17 +77,18 @@ def _deterministic_maps(
 ) -> np.ndarray:
     """(n_therapies, D, H, W) probabilities of the deterministic baseline."""
     index = {c: i for i, c in enumerate(model.config.therapies)}
-    images = torch.from_numpy(example.study.images[None]).float()
-    flags = torch.from_numpy(example.study.flags[None]).float()
-    with torch.no_grad():
+    device = next(model.parameters()).device
+    images = torch.from_numpy(example.study.images[None]).float().to(device)
+    flags = torch.from_numpy(example.study.flags[None]).float().to(device)
+    with torch.no_grad(), autocast(device):
         enc = model.encoder(images, flags)
         n = len(therapies)
-        th = torch.tensor([index[t] for t in therapies])
-        t = torch.full((n,), model.config.timesteps - 1)
-        hz = torch.full((n,), example.horizon_weeks)
-        x = torch.zeros((n, 1, *example.study.images.shape[1:]))
+        th = torch.tensor([index[t] for t in therapies], device=device)
+        t = torch.full((n,), model.config.timesteps - 1, device=device)
+        hz = torch.full((n,), example.horizon_weeks, device=device)
+        x = torch.zeros((n, 1, *example.study.images.shape[1:]), device=device)
         logit = model.denoiser(x, t, th, hz, enc)
-    return torch.sigmoid(logit[:, 0]).numpy()
+    return torch.sigmoid(logit[:, 0].float()).cpu().numpy()
 
 
 def _truth(examples: list[Example], therapies: Sequence[str]) -> dict[str, Any]:
@@ -181,11 +183,17 @@ def evaluate(
     baseline_path: Path | None = None,
     train_cohort: Path | None = None,
     limit: int | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
+    """Score the diffusion model and the references on ``cohort``; write the report to ``out``.
+
+    ``device``: ``auto`` runs the networks on CUDA when present (bf16 autocast), else the CPU.
+    """
     out.mkdir(parents=True, exist_ok=True)
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    model = load_model(model_path)
+    dev = pick_device(device)
+    model = load_model(model_path, device=dev)
     therapies = list(model.config.therapies)
     examples = load_examples(cohort, model.config, limit=limit)
     truth = _truth(examples, therapies)
@@ -204,7 +212,7 @@ def evaluate(
         p.by_location.append({k.value: v for k, v in f.expected_counts_by_location().items()})
     diffusion_s = time.perf_counter() - start
     if baseline_path is not None:
-        baseline = load_model(baseline_path)
+        baseline = load_model(baseline_path, device=dev)
         maps = template_location_maps(baseline.config.spacing_mm, baseline.config.crop_shape)
         from ms_forecast_node.anatomy.locations import classify_lesions
 
