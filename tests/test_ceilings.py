@@ -126,3 +126,18 @@ def test_evaluate_reports_the_image_ceiling(small_cohort: Path, tmp_path: Path) 
     )
     assert cf > 0.5  # the ceiling knows the therapies' effects
     assert "image_ceiling" in (out / "report.md").read_text()
+    # Bootstrap intervals per method, paired differences of the diffusion model, and the
+    # per-patient records that let two reports be compared patient by patient.
+    for m in methods.values():
+        assert set(m["ci95"]) >= {"activity_auc", "activity_ece", "count_mae"}
+    paired = report["paired_differences_of_diffusion"]
+    assert set(paired) == set(methods) - {"diffusion"}
+    mae = paired["oracle"]["count_mae"]
+    assert mae["difference"] == pytest.approx(
+        methods["diffusion"]["count"]["mae"] - methods["oracle"]["count"]["mae"]
+    )
+    assert mae["ci95"][0] <= mae["difference"] <= mae["ci95"][1]
+    assert len(report["patients"]) == 3
+    first = report["patients"][0]
+    assert len(first["diffusion"]["counterfactual"]) == len(report["therapies"])
+    assert "Uncertainty: 95 % bootstrap intervals" in (out / "report.md").read_text()

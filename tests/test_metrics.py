@@ -13,6 +13,7 @@ from ms_forecast_node.forecast.metrics import (
     activity_metrics,
     average_effect,
     bootstrap_ci,
+    bootstrap_statistic,
     count_errors,
     dice,
     expected_calibration_error,
@@ -333,6 +334,43 @@ def test_bootstrap_ci_narrows_with_more_data() -> None:
 
 
 # ----------------------------------------------------------------------------- plotting
+
+
+def test_bootstrap_statistic_value_interval_and_seed() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(0.5 * y + rng.uniform(0, 0.6, 200), 0, 1)
+    value, lo, hi = bootstrap_statistic(rank_auc, p, y, n_boot=500)
+    assert value == rank_auc(p, y)
+    assert lo < value < hi and hi - lo < 0.2
+    assert bootstrap_statistic(rank_auc, p, y, n_boot=500) == (value, lo, hi)  # seeded
+    assert bootstrap_statistic(rank_auc, p, y, n_boot=500, seed=1) != (value, lo, hi)
+
+
+def test_bootstrap_statistic_undefined_statistic_gives_no_interval() -> None:
+    value, lo, hi = bootstrap_statistic(rank_auc, np.array([0.2, 0.7]), np.array([1, 1]))
+    assert all(math.isnan(x) for x in (value, lo, hi))  # AUC needs both outcomes
+    with pytest.raises(ValueError):
+        bootstrap_statistic(rank_auc, np.zeros(3), np.zeros(2))
+
+
+def test_paired_bootstrap_is_narrower_than_either_methods_interval() -> None:
+    """Two predictors that err on the same patients: their AUC difference is resolved by a
+    paired resample although each AUC's own interval is wide."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 100)
+    a = y * 0.3 + rng.normal(0, 0.3, 100)
+    b = a + rng.normal(0, 0.05, 100)  # nearly the same forecasts
+    _, lo_a, hi_a = bootstrap_statistic(rank_auc, a, y, n_boot=500)
+    d, lo_d, hi_d = bootstrap_statistic(
+        lambda pa, pb, yy: rank_auc(pa, yy) - rank_auc(pb, yy), a, b, y, n_boot=500
+    )
+    assert hi_d - lo_d < 0.5 * (hi_a - lo_a)
+    assert lo_d <= d <= hi_d
+    same, lo_s, hi_s = bootstrap_statistic(
+        lambda pa, pb, yy: rank_auc(pa, yy) - rank_auc(pb, yy), a, a, y, n_boot=200
+    )
+    assert (same, lo_s, hi_s) == (0.0, 0.0, 0.0)
 
 
 def test_plot_reliability_writes_png(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ Conventions used throughout (each function's docstring repeats the ones it needs
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ __all__ = [
     "activity_metrics",
     "average_effect",
     "bootstrap_ci",
+    "bootstrap_statistic",
     "count_errors",
     "dice",
     "expected_calibration_error",
@@ -499,6 +500,47 @@ def bootstrap_ci(
         means[start:stop] = v[idx].mean(axis=1)
     lo, hi = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
     return mean, float(lo), float(hi)
+
+
+def bootstrap_statistic(
+    statistic: Callable[..., float],
+    *columns: npt.ArrayLike,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """A statistic of per-patient columns with a percentile bootstrap CI over patients.
+
+    ``statistic(*columns)`` is evaluated on the data and on ``n_boot`` resamples of the rows
+    (the same rows for every column, so paired statistics such as a difference of two methods'
+    AUCs on the same patients keep their pairing). Resamples where the statistic is not finite
+    (an AUC of a resample without both outcomes) are dropped. Returns ``(value, lo, hi)``;
+    ``lo`` and ``hi`` are nan when fewer than half of the resamples give a finite value.
+    """
+    cols = [np.asarray(c) for c in columns]
+    if not cols:
+        raise ValueError("at least one column is needed")
+    n = len(cols[0])
+    if any(len(c) != n for c in cols):
+        raise ValueError("columns must have the same length")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError("alpha must be in (0, 1)")
+    value = float(statistic(*cols)) if n else float("nan")
+    nan = float("nan")
+    if n == 0:
+        return nan, nan, nan
+    rng = np.random.default_rng(seed)
+    draws = np.empty(n_boot, dtype=float)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant resamples: Spearman is nan, by design
+            draws[b] = float(statistic(*(c[idx] for c in cols)))
+    finite = draws[np.isfinite(draws)]
+    if finite.size < n_boot / 2:
+        return value, nan, nan
+    lo, hi = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return value, float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- plotting
