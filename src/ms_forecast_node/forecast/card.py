@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ms_forecast_node.forecast.checkpoint import load_model, sha256_of
+from ms_forecast_node.forecast.checkpoint import load_model, read_metadata, sha256_of
 from ms_forecast_node.forecast.evaluate import summary_table
 from ms_forecast_node.forecast.registry import MODELS_DIR
 from ms_forecast_node.simulate.therapies import load_therapies
@@ -54,6 +54,14 @@ def ship_model(
     if cfg.rate_offsets:
         method += "; per-therapy rate offset and log-horizon offset on the output logit"
     start = f", initialised from `{tr['init_from']}`" if tr.get("init_from") else ""
+    # The shipped file may be an earlier checkpoint than the run's last (early stopping keeps
+    # best.safetensors): say which step it is.
+    saved_at = json.loads(read_metadata(target).get("extra") or "{}").get("step", state["step"])
+    steps = (
+        f"{state['step']} steps"
+        if saved_at == state["step"]
+        else f"weights of step {saved_at} of {state['step']} (lowest validation loss)"
+    )
     card = f"""# Model card: {cfg.name} {cfg.version}
 
 **RESEARCH FORECAST — NOT FOR DIAGNOSTIC USE.** This model was trained **only on simulated
@@ -70,7 +78,7 @@ used for clinical decisions.
 | inputs | FLAIR (required), T1, T2, PD (optional, with availability flags), current T2 lesion mask; prior-visit channels exist but the training cohort had no prior visit |
 | conditions | therapy (learned embedding + null token for guidance): {therapies}; horizon in weeks (trained range {cfg.horizon_range_weeks[0]:g}–{cfg.horizon_range_weeks[1]:g}, training cohort all at {cohort_header["horizon_weeks"]:g} weeks) |
 | training data | `{run_cfg["cohort"]}`: {cohort_header["n_patients"]} simulated patients, seed {cohort_header["seed"]}, factual therapy only (as in a trial) |
-| training | {state["step"]} steps, batch {tr["batch_size"]}, random crops {tr.get("train_crop") or "none (whole grid)"}, AdamW lr {tr["learning_rate"]} (warm-up, cosine), NET2 voxel weight {tr.get("positive_weight", 1.0):g} with calibrating logit offset, {tr.get("high_noise_share", 0.0):.0%} of diffusion times from the noisiest 20 % of steps, condition dropout {tr["condition_dropout"]}, modality dropout {tr["modality_dropout"]}, seed {tr["seed"]}, CPU{start} |
+| training | {steps}, batch {tr["batch_size"]}, random crops {tr.get("train_crop") or "none (whole grid)"}, AdamW lr {tr["learning_rate"]} (warm-up, cosine), NET2 voxel weight {tr.get("positive_weight", 1.0):g} with calibrating logit offset, {tr.get("high_noise_share", 0.0):.0%} of diffusion times from the noisiest 20 % of steps, condition dropout {tr["condition_dropout"]}, modality dropout {tr["modality_dropout"]}, seed {tr["seed"]}, on {run_cfg.get("device", "cpu")}{start} |
 | parameters | {sum(p.numel() for p in model.parameters()):,} |
 | template licence | ICBM152 2009 licence stated as "unknown" by nilearn; atlases from Debian mricron-data carry their own (some non-commercial) terms |
 
