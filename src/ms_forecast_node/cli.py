@@ -246,6 +246,31 @@ def ship_model_cmd(
     typer.echo(f"shipped {target}")
 
 
+@app.command("compare-reports")
+def compare_reports_cmd(
+    first: Annotated[Path, typer.Argument(help="`evaluate` output folder (or report.json).")],
+    second: Annotated[Path, typer.Argument(help="Another, on the same cohort.")],
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write the comparison here as JSON as well."),
+    ] = None,
+) -> None:
+    """First model minus second on the same held-out patients, with paired bootstrap
+    intervals (needs reports that hold per-patient records)."""
+    import json
+
+    from ms_forecast_node.forecast.compare import compare_reports, render_comparison
+
+    try:
+        result = compare_reports(first, second)
+    except MSForecastError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(render_comparison(result))
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     cohort: Annotated[Path, typer.Option(help="Held-out cohort folder.")],

@@ -94,3 +94,10 @@ class OutputError(MSForecastError):
     """An output object (SEG, SR, key image, PDF) cannot be built."""
 
     reason = "output_build_failed"
+
+
+class ReportComparisonError(MSForecastError):
+    """Two evaluation reports cannot be compared patient by patient (no per-patient records,
+    different therapies, or different truth for the same patient)."""
+
+    reason = "report_comparison_invalid"

@@ -107,7 +107,7 @@ def _truth(examples: list[Example], therapies: Sequence[str]) -> dict[str, Any]:
 
 
 # Patient-level statistics that get bootstrap intervals: (predictions, truth) columns → value.
-_STATISTICS: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], float]]] = {
+PATIENT_STATISTICS: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], float]]] = {
     "activity_auc": ("activity", lambda p, y: M.rank_auc(p, y)),
     "activity_ece": ("activity", lambda p, y: M.expected_calibration_error(p, y)),
     "count_mae": ("count", lambda c, t: float(np.mean(np.abs(c - t)))),
@@ -131,7 +131,7 @@ def _patient_bootstrap(pred: MethodPredictions, truth: dict[str, Any]) -> dict[s
     two regenerations of one cohort differ by about as much: report them beside every figure.
     """
     out: dict[str, Any] = {}
-    for name, (kind, fn) in _STATISTICS.items():
+    for name, (kind, fn) in PATIENT_STATISTICS.items():
         if kind == "counterfactual" and not pred.counterfactual:
             continue
         _, lo, hi = M.bootstrap_statistic(fn, *_columns(pred, truth, kind))
@@ -153,7 +153,7 @@ def paired_differences(
         if other == of:
             continue
         diffs: dict[str, Any] = {}
-        for name, (kind, fn) in _STATISTICS.items():
+        for name, (kind, fn) in PATIENT_STATISTICS.items():
             if kind == "counterfactual" and not (a.counterfactual and b.counterfactual):
                 continue
             pa, y = _columns(a, truth, kind)
