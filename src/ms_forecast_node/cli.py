@@ -292,7 +292,7 @@ def evaluate_cmd(
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps.")] = None,  # noqa: UP045
     method: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="Sampler: dpmpp2m, ddim or ddpm (default: the config's)."),
+        typer.Option(help="Sampler: dpmpp2m, ddim, ancestral or ddpm (default: the config's)."),
     ] = None,
     limit: Annotated[Optional[int], typer.Option(help="First N patients only.")] = None,  # noqa: UP045
     device: Annotated[

@@ -164,8 +164,12 @@ def _plot(
     if history["val"]:
         steps, values = zip(*history["val"], strict=True)
         ax.plot(steps, values, "o-", label="validation")
+        best = int(np.argmin(values))
+        ax.plot([steps[best]], [values[best]], "*", ms=14, label=f"best (step {int(steps[best])})")
     ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
+    # The loss's description is too long for a vertical axis label: it goes in the title.
+    ax.set_title(ylabel, fontsize=9)
+    ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
