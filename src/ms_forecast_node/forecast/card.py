@@ -33,9 +33,12 @@ def ship_model(
     rows = summary_table(methods)
     therapies = ", ".join(f"{t.code} ({t.efficacy_net2:.0%})" for t in load_therapies())
     sampler = report["sampler"]
-    solver = {"dpmpp2m": "DPM-Solver++(2M)", "ddim": "DDIM", "ddpm": "ancestral DDPM"}.get(
-        sampler["method"], sampler["method"]
-    )
+    solver = {
+        "dpmpp2m": "DPM-Solver++(2M)",
+        "ddim": "DDIM",
+        "ddpm": "ancestral DDPM",
+        "ancestral": "ancestral (clean mask drawn from the network at every step)",
+    }.get(sampler["method"], sampler["method"])
     if cfg.centres:
         method = (
             "treatment-conditioned diffusion (after Favero et al. 2025, arXiv 2508.07006) of the "

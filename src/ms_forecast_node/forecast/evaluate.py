@@ -491,6 +491,11 @@ def _uncertainty_section(report: dict[str, Any]) -> list[str]:
             value = m.get(group, {}).get(field_, float("nan"))
             cells.append(_with_ci(value, m["ci95"].get(key)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "ECE grows when a resample repeats patients (fewer distinct forecasts per bin), so its "
+        "interval can sit above the value itself: read it as the spread, not as a correction.",
+    ]
     paired = report.get("paired_differences_of_diffusion", {})
     if paired:
         lines += [
