@@ -51,7 +51,10 @@ def _run(tmp_path: Path, weights_step: int, last_step: int, device: str | None) 
                 "cohort": "heldout",
                 "n_patients": 100,
                 "sampler": {"method": "dpmpp2m", "steps": 6, "samples": 8, "threshold": 0.5},
-                "methods": {"diffusion": _method(0.75), "oracle": _method(0.85)},
+                "methods": {
+                    "diffusion": {**_method(0.75), "ci95": {"activity_auc": [0.65, 0.84]}},
+                    "oracle": _method(0.85),
+                },
             }
         )
     )
@@ -68,6 +71,7 @@ def test_card_names_the_early_stopped_step_the_device_and_the_checksum(tmp_path:
     assert "on cuda (NVIDIA H200)" in card
     assert "1400 simulated patients, seed 3000" in card
     assert sha256_of(target) in card
+    assert "95 % bootstrap intervals over the 100 patients: activity AUC [0.650, 0.840]" in card
     registry = json.loads((models / "models.json").read_text())
     (entry,) = registry["models"]
     assert entry["default"] and entry["sha256"] == sha256_of(target)

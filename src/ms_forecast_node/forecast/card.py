@@ -65,6 +65,20 @@ def ship_model(
         if saved_at == state["step"]
         else f"weights of step {saved_at} of {state['step']} (lowest validation loss)"
     )
+    ci = methods.get("diffusion", {}).get("ci95", {})
+    intervals = ""
+    if ci:
+        named = {"activity_auc": "activity AUC", "activity_ece": "ECE", "count_mae": "count MAE"}
+        parts = [
+            f"{label} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]"
+            for key, label in named.items()
+            if key in ci
+        ]
+        intervals = (
+            f"\n95 % bootstrap intervals over the {report['n_patients']} patients: "
+            + ", ".join(parts)
+            + ".\n"
+        )
     card = f"""# Model card: {cfg.name} {cfg.version}
 
 **RESEARCH FORECAST — NOT FOR DIAGNOSTIC USE.** This model was trained **only on simulated
@@ -94,7 +108,7 @@ samples; production uses the same method, steps, threshold and minimum lesion si
 oracle also knows each patient's hidden activity and therapy response.
 
 {chr(10).join(rows)}
-
+{intervals}
 Full report: `ms-forecast-node evaluate` output (report.md / report.json / figures), reproduced by
 the command in the project README.
 
