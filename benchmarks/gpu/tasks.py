@@ -86,8 +86,8 @@ def main() -> None:
         from ms_forecast_node.forecast.config import load_configs
         from ms_forecast_node.forecast.evaluate import evaluate
 
-        config = args.config or Path("configs/cpu-2mm-centres-v0.3.yaml")
-        _, _, sampler = load_configs(config)
+        config_path = args.config or Path("configs/cpu-2mm-centres-v0.3.yaml")
+        _, _, sampler = load_configs(config_path)
         if args.samples is not None:
             sampler = replace(sampler, samples=args.samples)
         evaluate(
