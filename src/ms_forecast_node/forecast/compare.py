@@ -17,7 +17,11 @@ import numpy as np
 
 from ms_forecast_node.errors import ReportComparisonError
 from ms_forecast_node.forecast import metrics as M
-from ms_forecast_node.forecast.evaluate import PATIENT_STATISTICS
+from ms_forecast_node.forecast.evaluate import (
+    PATIENT_STATISTICS,
+    MethodPredictions,
+    statistic_columns,
+)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -31,21 +35,23 @@ def _load(path: Path) -> dict[str, Any]:
     return report
 
 
-def _columns(rows: list[dict[str, Any]], method: str, kind: str) -> tuple[Any, Any]:
-    if kind == "activity":
-        return (
-            np.clip(np.array([r[method]["activity"] for r in rows], dtype=float), 0, 1),
-            np.array([r["active"] for r in rows], dtype=int),
-        )
-    if kind == "count":
-        return (
-            np.array([r[method]["count"] for r in rows], dtype=float),
-            np.array([r["count"] for r in rows], dtype=float),
-        )
-    return (
-        np.array([r[method]["counterfactual"] for r in rows], dtype=float),
-        np.array([r["expected_counts"] for r in rows], dtype=float),
+def _method_and_truth(
+    rows: list[dict[str, Any]], method: str
+) -> tuple[MethodPredictions, dict[str, Any]]:
+    """The records of ``method`` as the evaluation's own predictions and truth."""
+    pred = MethodPredictions(
+        activity=[r[method]["activity"] for r in rows],
+        count=[r[method]["count"] for r in rows],
+        counterfactual=[r[method]["counterfactual"] for r in rows]
+        if all(r[method]["counterfactual"] is not None for r in rows)
+        else [],
     )
+    truth = {
+        "active": np.array([r["active"] for r in rows], dtype=int),
+        "count": np.array([r["count"] for r in rows], dtype=float),
+        "expected": np.array([r["expected_counts"] for r in rows], dtype=float),
+    }
+    return pred, truth
 
 
 def compare_reports(
@@ -73,16 +79,14 @@ def compare_reports(
                 f"patient {ra['patient_id']} has different truth in the two reports: they were "
                 "evaluated on different realisations of the cohort"
             )
-    rows_a = [ra for ra, _ in pairs]
-    rows_b = [rb for _, rb in pairs]
+    pred_a, truth = _method_and_truth([ra for ra, _ in pairs], method)
+    pred_b, _ = _method_and_truth([rb for _, rb in pairs], method)
     statistics: dict[str, Any] = {}
     for name, (kind, fn) in PATIENT_STATISTICS.items():
-        if kind == "counterfactual" and any(
-            r[method]["counterfactual"] is None for r in (rows_a[0], rows_b[0])
-        ):
+        if kind == "counterfactual" and not (pred_a.counterfactual and pred_b.counterfactual):
             continue
-        pa, y = _columns(rows_a, method, kind)
-        pb, _ = _columns(rows_b, method, kind)
+        pa, y = statistic_columns(pred_a, truth, kind)
+        pb, _ = statistic_columns(pred_b, truth, kind)
 
         def delta(pa: Any, pb: Any, y: Any, fn: Any = fn) -> float:
             return float(fn(pa, y) - fn(pb, y))

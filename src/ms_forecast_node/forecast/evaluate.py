@@ -116,7 +116,8 @@ PATIENT_STATISTICS: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], floa
 }
 
 
-def _columns(pred: MethodPredictions, truth: dict[str, Any], kind: str) -> tuple[Any, Any]:
+def statistic_columns(pred: MethodPredictions, truth: dict[str, Any], kind: str) -> tuple[Any, Any]:
+    """(predictions, truth) columns of one kind of :data:`PATIENT_STATISTICS`."""
     if kind == "activity":
         return np.clip(np.asarray(pred.activity, dtype=float), 0, 1), truth["active"].astype(int)
     if kind == "count":
@@ -134,7 +135,7 @@ def _patient_bootstrap(pred: MethodPredictions, truth: dict[str, Any]) -> dict[s
     for name, (kind, fn) in PATIENT_STATISTICS.items():
         if kind == "counterfactual" and not pred.counterfactual:
             continue
-        _, lo, hi = M.bootstrap_statistic(fn, *_columns(pred, truth, kind))
+        _, lo, hi = M.bootstrap_statistic(fn, *statistic_columns(pred, truth, kind))
         out[name] = [lo, hi]
     return out
 
@@ -156,8 +157,8 @@ def paired_differences(
         for name, (kind, fn) in PATIENT_STATISTICS.items():
             if kind == "counterfactual" and not (a.counterfactual and b.counterfactual):
                 continue
-            pa, y = _columns(a, truth, kind)
-            pb, _ = _columns(b, truth, kind)
+            pa, y = statistic_columns(a, truth, kind)
+            pb, _ = statistic_columns(b, truth, kind)
 
             def delta(pa: Any, pb: Any, y: Any, fn: Any = fn) -> float:
                 return float(fn(pa, y) - fn(pb, y))
