@@ -233,11 +233,62 @@ def average_checkpoints_cmd(
     typer.echo(f"averaged {len(checkpoints)} checkpoints into {out} (sha256 {digest})")
 
 
+@app.command("anchor-effects")
+def anchor_effects_cmd(
+    model: Annotated[Path, typer.Option(help="Lesion-centre model weights (.safetensors).")],
+    cohort: Annotated[Path, typer.Option(help="Cohort whose studies (images only) are used.")],
+    out: Annotated[Path, typer.Option(help="Folder for model.safetensors and anchoring.json.")],
+    version: Annotated[str, typer.Option(help="Version of the anchored model.")],
+    limit: Annotated[int, typer.Option(help="First N studies of the cohort.")] = 200,
+    samples: Annotated[int, typer.Option(help="Starting-noise draws per study.")] = 2,
+) -> None:
+    """Move each therapy's rate offset so the model's average effect against placebo equals its
+    pivotal trial's rate ratio (therapies.yaml); the individual forecasts keep their spread."""
+    from ms_forecast_node.forecast.anchoring import anchor_to_trials
+    from ms_forecast_node.forecast.checkpoint import (
+        load_model,
+        read_metadata,
+        save_model,
+        sha256_of,
+    )
+    from ms_forecast_node.forecast.data import load_examples
+    from ms_forecast_node.forecast.device import pick_device
+    from ms_forecast_node.simulate.therapies import load_therapies
+
+    base = load_model(model, device=pick_device())
+    examples = load_examples(cohort, base.config, limit=limit)
+    anchored, result = anchor_to_trials(base, examples, load_therapies(), version, samples)
+    out.mkdir(parents=True, exist_ok=True)
+    base_extra = json.loads(read_metadata(model).get("extra") or "{}")
+    derived = {
+        "file": model.name,
+        "version": base.config.version,
+        "sha256": sha256_of(model),
+        "extra": base_extra,
+    }
+    record = {"derived_from": derived, "anchoring_cohort": str(cohort), **result.as_dict()}
+    digest = save_model(anchored, out / "model.safetensors", record)
+    (out / "anchoring.json").write_text(json.dumps(record, indent=2) + "\n")
+    typer.echo(f"{'therapy':<24} {'trial':>7} {'before':>7} {'after':>7} {'shift':>7}")
+    for code, ratio in result.trial_rate_ratio.items():
+        typer.echo(
+            f"{code:<24} {ratio:7.3f} {result.rate_ratio_before[code]:7.3f} "
+            f"{result.rate_ratio_after[code]:7.3f} {result.offset_shift[code]:+7.3f}"
+        )
+    typer.echo(f"wrote {out / 'model.safetensors'} (sha256 {digest})")
+
+
 @app.command("ship-model")
 def ship_model_cmd(
     weights: Annotated[Path, typer.Option(help="Weights to ship (.safetensors).")],
-    run: Annotated[Path, typer.Option(help="Training run folder (config.json, state.json).")],
     report: Annotated[Path, typer.Option(help="`evaluate` output folder for the card.")],
+    run: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="Training run folder (config.json, state.json); not for derived weights "
+            "(anchor-effects), whose card refers to the model they came from."
+        ),
+    ] = None,
 ) -> None:
     """Make ``weights`` the packaged default model, with its card and registry entry."""
     from ms_forecast_node.forecast.card import ship_model

@@ -5,17 +5,96 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
+from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.checkpoint import load_model, read_metadata, sha256_of
 from ms_forecast_node.forecast.evaluate import summary_table
 from ms_forecast_node.forecast.registry import MODELS_DIR
 from ms_forecast_node.simulate.therapies import load_therapies
 
 
+def _derived_rows(extra: dict[str, Any]) -> tuple[str, str, str]:
+    """Training-data row, training row and an extra card section for weights made from a
+    registered model by ``anchor-effects`` (no training run of their own)."""
+    base = extra["derived_from"]
+    base_extra = base.get("extra", {})
+    cohort = base_extra.get("cohort")
+    header_path = Path(cohort) / "cohort.json" if cohort else None
+    if header_path is not None and header_path.is_file():
+        header = json.loads(header_path.read_text())
+        data = (
+            f"`{cohort}`: {header['n_patients']} simulated patients, seed {header['seed']}, "
+            "factual therapy only (as in a trial), as for the base model"
+        )
+    else:
+        data = f"as for the base model {base['version']} (see its card)"
+    training = (
+        f"the weights of {base['version']} (`{base['file']}`, sha256 `{base['sha256'][:16]}…`; "
+        "its card describes the training run), unchanged except each therapy's rate offset, "
+        f"anchored to the trials' rate ratios on {extra['n_studies']} studies of "
+        f"`{extra['anchoring_cohort']}` (images only, no outcomes)"
+    )
+    lines = [
+        "## Therapy effects anchored to the trials",
+        "",
+        "Each therapy's scalar rate offset was moved so that the model's mean expected NET2 "
+        "count under it, over the anchoring studies, is the pivotal trial's rate ratio "
+        "(1 − reduction, `therapies.yaml`) times its mean placebo forecast "
+        f"({extra['placebo_expected_count']:.3f} lesions). The individual forecasts keep the "
+        "network's spread between patients (risk-based treatment-effect heterogeneity: "
+        "baseline risk from the model, relative effect from the trial). On simulated data the "
+        "trials' numbers are also what the simulator was built from, so the average effects "
+        "are partly anchored to the truth they are evaluated against.",
+        "",
+        "| therapy | trial rate ratio | model before | model after | offset shift |",
+        "|---|---|---|---|---|",
+    ]
+    for code, ratio in extra["trial_rate_ratio"].items():
+        lines.append(
+            f"| {code} | {ratio:.3f} | {extra['rate_ratio_before'][code]:.3f} | "
+            f"{extra['rate_ratio_after'][code]:.3f} | {extra['offset_shift'][code]:+.3f} |"
+        )
+    return data, training, "\n".join(lines) + "\n"
+
+
+def _run_rows(run_dir: Path, target: Path) -> tuple[str, str, float]:
+    """Training-data row, training row and the cohort's horizon, from a training run."""
+    run_cfg = json.loads((run_dir / "config.json").read_text())
+    state = json.loads((run_dir / "state.json").read_text())
+    cohort_header = json.loads((Path(run_cfg["cohort"]) / "cohort.json").read_text())
+    tr = run_cfg["train"]
+    start = f", initialised from `{tr['init_from']}`" if tr.get("init_from") else ""
+    # The shipped file may be an earlier checkpoint than the run's last (early stopping keeps
+    # best.safetensors): say which step it is.
+    saved_at = json.loads(read_metadata(target).get("extra") or "{}").get("step", state["step"])
+    steps = (
+        f"{state['step']} steps"
+        if saved_at == state["step"]
+        else f"weights of step {saved_at} of {state['step']} (lowest validation loss)"
+    )
+    data = (
+        f"`{run_cfg['cohort']}`: {cohort_header['n_patients']} simulated patients, seed "
+        f"{cohort_header['seed']}, factual therapy only (as in a trial)"
+    )
+    training = (
+        f"{steps}, batch {tr['batch_size']}, random crops {tr.get('train_crop') or 'none (whole grid)'}, "
+        f"AdamW lr {tr['learning_rate']} (warm-up, cosine), NET2 voxel weight "
+        f"{tr.get('positive_weight', 1.0):g} with calibrating logit offset, "
+        f"{tr.get('high_noise_share', 0.0):.0%} of diffusion times from the noisiest 20 % of "
+        f"steps, condition dropout {tr['condition_dropout']}, modality dropout "
+        f"{tr['modality_dropout']}, seed {tr['seed']}, on {run_cfg.get('device', 'cpu')}{start}"
+    )
+    return data, training, float(cohort_header["horizon_weeks"])
+
+
 def ship_model(
-    weights: Path, run_dir: Path, report_dir: Path, models_dir: Path = MODELS_DIR
+    weights: Path, run_dir: Path | None, report_dir: Path, models_dir: Path = MODELS_DIR
 ) -> Path:
-    """Copy ``weights`` into the package, write the card and make it the default model."""
+    """Copy ``weights`` into the package, write the card and make it the default model.
+
+    ``run_dir`` is the training run behind the weights; weights derived from a registered
+    model by ``anchor-effects`` have none (pass None) and their card refers to the base."""
     model = load_model(weights)
     cfg = model.config
     name = f"{cfg.name}-{cfg.version}"
@@ -24,11 +103,18 @@ def ship_model(
     if not (target.exists() and target.samefile(weights)):
         shutil.copyfile(weights, target)
     digest = sha256_of(target)
-    run_cfg = json.loads((run_dir / "config.json").read_text())
-    state = json.loads((run_dir / "state.json").read_text())
+    extra = json.loads(read_metadata(target).get("extra") or "{}")
+    section = ""
+    horizon = None
+    if run_dir is not None:
+        data_row, training_row, horizon = _run_rows(run_dir, target)
+    elif "derived_from" in extra:
+        data_row, training_row, section = _derived_rows(extra)
+    else:
+        raise ConfigurationError(
+            f"{weights} has no training run given and was not derived from a registered model"
+        )
     report = json.loads((report_dir / "report.json").read_text())
-    cohort_header = json.loads((Path(run_cfg["cohort"]) / "cohort.json").read_text())
-    tr = run_cfg["train"]
     methods = report["methods"]
     rows = summary_table(methods)
     therapies = ", ".join(f"{t.code} ({t.efficacy_net2:.0%})" for t in load_therapies())
@@ -56,15 +142,7 @@ def ship_model(
         )
     if cfg.rate_offsets:
         method += "; per-therapy rate offset and log-horizon offset on the output logit"
-    start = f", initialised from `{tr['init_from']}`" if tr.get("init_from") else ""
-    # The shipped file may be an earlier checkpoint than the run's last (early stopping keeps
-    # best.safetensors): say which step it is.
-    saved_at = json.loads(read_metadata(target).get("extra") or "{}").get("step", state["step"])
-    steps = (
-        f"{state['step']} steps"
-        if saved_at == state["step"]
-        else f"weights of step {saved_at} of {state['step']} (lowest validation loss)"
-    )
+    trained_horizon = f", training cohort all at {horizon:g} weeks" if horizon is not None else ""
     ci = methods.get("diffusion", {}).get("ci95", {})
     intervals = ""
     if ci:
@@ -93,9 +171,9 @@ used for clinical decisions.
 | method | {method} |
 | grid | ICBM152 2009c symmetric template, {cfg.spacing_mm:g} mm, crop {list(cfg.crop_shape)} (k, j, i) |
 | inputs | FLAIR (required), T1, T2, PD (optional, with availability flags), current T2 lesion mask; prior-visit channels exist but the training cohort had no prior visit |
-| conditions | therapy (learned embedding + null token for guidance): {therapies}; horizon in weeks (trained range {cfg.horizon_range_weeks[0]:g}–{cfg.horizon_range_weeks[1]:g}, training cohort all at {cohort_header["horizon_weeks"]:g} weeks) |
-| training data | `{run_cfg["cohort"]}`: {cohort_header["n_patients"]} simulated patients, seed {cohort_header["seed"]}, factual therapy only (as in a trial) |
-| training | {steps}, batch {tr["batch_size"]}, random crops {tr.get("train_crop") or "none (whole grid)"}, AdamW lr {tr["learning_rate"]} (warm-up, cosine), NET2 voxel weight {tr.get("positive_weight", 1.0):g} with calibrating logit offset, {tr.get("high_noise_share", 0.0):.0%} of diffusion times from the noisiest 20 % of steps, condition dropout {tr["condition_dropout"]}, modality dropout {tr["modality_dropout"]}, seed {tr["seed"]}, on {run_cfg.get("device", "cpu")}{start} |
+| conditions | therapy (learned embedding + null token for guidance): {therapies}; horizon in weeks (trained range {cfg.horizon_range_weeks[0]:g}–{cfg.horizon_range_weeks[1]:g}{trained_horizon}) |
+| training data | {data_row} |
+| training | {training_row} |
 | parameters | {sum(p.numel() for p in model.parameters()):,} |
 | template licence | ICBM152 2009 licence stated as "unknown" by nilearn; atlases from Debian mricron-data carry their own (some non-commercial) terms |
 
@@ -109,6 +187,7 @@ oracle also knows each patient's hidden activity and therapy response.
 
 {chr(10).join(rows)}
 {intervals}
+{section}
 Full report: `ms-forecast-node evaluate` output (report.md / report.json / figures), reproduced by
 the command in the project README.
 
