@@ -5,8 +5,10 @@ therapy (the sum of its lesion-centre probabilities: the expected number of new 
 network believes in before any sampling) and scores it the way the evaluation scores the
 sampled forecasts: Spearman against the realised count, against the true expected count and
 against the image-visible activity ``z_visible`` (overall and within each therapy arm), and
-the activity AUC of ``1 − exp(−marginal)``. With ``--report`` (an ``evaluate`` folder of the
-same model and cohort, with per-patient records) the sampled forecasts are scored beside it.
+the activity AUC and ECE of ``1 − exp(−marginal)`` (what the one-step sampler's share of
+active samples tends to as the number of samples grows). With ``--report`` (an ``evaluate``
+folder of the same model and cohort, with per-patient records) the sampled forecasts are
+scored beside it.
 One network pass per patient: minutes on a CPU.
 
     .venv/bin/python benchmarks/marginal_signal.py --cohort var/cohorts/heldout-s2000 \
@@ -29,6 +31,7 @@ from ms_forecast_node.forecast.checkpoint import load_model
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import load_examples
 from ms_forecast_node.forecast.device import pick_device
+from ms_forecast_node.forecast.metrics import expected_calibration_error
 from ms_forecast_node.forecast.registry import default_entry
 from ms_forecast_node.forecast.sampling import sample_masks
 from ms_forecast_node.simulate.activity import rank_auc
@@ -88,10 +91,13 @@ def main() -> None:
         "marginal": {
             "mean_expected_lesions": float(m.mean()),
             "activity_auc": rank_auc(1 - np.exp(-m), active),
+            # What the one-step sampler's share of active samples tends to with many samples.
+            "activity_ece": expected_calibration_error(1 - np.exp(-m), active),
             **_scores(m, truth, arms),
         },
         "oracle_expected_count": {
             "activity_auc": rank_auc(1 - np.exp(-truth["expected"]), active),
+            "activity_ece": expected_calibration_error(1 - np.exp(-truth["expected"]), active),
             **_scores(truth["expected"], truth, arms),
         },
     }
@@ -104,6 +110,9 @@ def main() -> None:
             "report": str(args.report),
             "mean_expected_lesions": float(sampled.mean()),
             "activity_auc": rank_auc(np.array([p["activity"] for p in picked]), active),
+            "activity_ece": expected_calibration_error(
+                np.array([p["activity"] for p in picked]), active
+            ),
             **_scores(sampled, truth, arms),
         }
     text = json.dumps(result, indent=2)

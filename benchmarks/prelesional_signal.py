@@ -8,6 +8,10 @@ pre-lesional site with every other brain cell: the cell-level AUC, the probabili
 sites, the share of sites above a few thresholds and the rank of each site among its
 patient's cells. Lesion F1 of a forecast mask needs a site's probability to reach the mask
 threshold, so this says how far the network is from a non-empty, correct mask.
+
+Reference, measured in the same run: a hand-made detector of the change itself, the FLAIR
+minus its 7-voxel local median, outside the (dilated) current lesions, maximised per cell. It
+says how visible the sites are on the model grid to a reader who knows what to look for.
 One network pass per patient.
 
     .venv/bin/python benchmarks/prelesional_signal.py --cohort var/cohorts/heldout-s2000 \
@@ -23,18 +27,62 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from ms_forecast_node.forecast.checkpoint import load_model
-from ms_forecast_node.forecast.config import SamplerConfig
+from ms_forecast_node.forecast.config import SamplerConfig, load_configs
 from ms_forecast_node.forecast.data import brain_mask, load_examples, model_grid
 from ms_forecast_node.forecast.device import pick_device
-from ms_forecast_node.forecast.model import LesionDecoder
+from ms_forecast_node.forecast.model import LesionDecoder, NET2Forecaster
 from ms_forecast_node.forecast.registry import default_entry
 from ms_forecast_node.forecast.sampling import sample_masks
 from ms_forecast_node.simulate.activity import rank_auc
 
 THRESHOLDS = (0.5, 0.2, 0.1, 0.05)
+FLAIR, LESIONS = 0, 4  # channels of StudyTensors.images
+
+
+def local_contrast(images: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The reference detector: FLAIR minus its 7-voxel local median, outside the current
+    lesions (dilated by two voxels) and the brain; -inf there."""
+    flair = images[FLAIR]
+    excluded = ndimage.binary_dilation(images[LESIONS] > 0.5, iterations=2) | ~brain
+    return np.where(excluded, -np.inf, flair - ndimage.median_filter(flair, size=7))
+
+
+def to_cells(volume: np.ndarray, shape: tuple[int, ...], cell: int, how: str) -> np.ndarray:
+    blocks = volume[: shape[0] * cell, : shape[1] * cell, : shape[2] * cell].reshape(
+        shape[0], cell, shape[1], cell, shape[2], cell
+    )
+    return blocks.sum(axis=(1, 3, 5)) if how == "sum" else blocks.max(axis=(1, 3, 5))
+
+
+def _site_scores(
+    score: np.ndarray, sites: set, brain_cells: np.ndarray
+) -> tuple[list[float], list[float], np.ndarray]:
+    is_site = np.zeros(brain_cells.shape, dtype=bool)
+    for s in sites:
+        is_site[s] = True
+    brain_scores = score[brain_cells]
+    values = [float(score[s]) for s in sites]
+    ranks = [float(np.mean(brain_scores > v)) for v in values]
+    return values, ranks, score[brain_cells & ~is_site]
+
+
+def _detection(values: list[float], ranks: list[float], others: list[np.ndarray]) -> dict:
+    sites_arr = np.asarray(values)
+    rest = np.concatenate(others)
+    labels = np.r_[np.ones(len(sites_arr)), np.zeros(len(rest))]
+    finite = np.isfinite(np.r_[sites_arr, rest])
+    scores = np.nan_to_num(np.r_[sites_arr, rest], neginf=-1e9)
+    return {
+        "cell_auc_sites_vs_other_brain_cells": rank_auc(scores, labels),
+        "share_of_cells_scored": float(finite.mean()),
+        "site_share_in_top_1_percent_of_own_brain_cells": float(np.mean(np.asarray(ranks) < 0.01)),
+        "site_share_in_top_10_percent_of_own_brain_cells": float(np.mean(np.asarray(ranks) < 0.1)),
+        "site_rank_median": float(np.median(ranks)),
+    }
 
 
 def site_cells(sidecar: dict[str, Any], grid: Any, cell: int, shape: tuple[int, ...]) -> set:
@@ -57,72 +105,77 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--therapy", default="placebo")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--reference-only",
+        type=Path,
+        default=None,
+        metavar="CONFIG",
+        help="no network: score only the reference detector on the grid of this YAML's model "
+        "section (e.g. configs/gpu-1mm-centres.yaml on a cohort simulated at 1 mm), 8 mm cells",
+    )
     args = parser.parse_args()
-    model_path = args.model or default_entry().file
-    model = load_model(model_path, device=pick_device())
-    config = model.config
-    if not config.centres:
-        raise SystemExit("this probe reads lesion-centre models (diffusion_target: centres)")
-    cell = LesionDecoder.CELL
+    model: NET2Forecaster | None = None
+    if args.reference_only is not None:
+        config = load_configs(args.reference_only)[0]
+        model_path: Path | None = None
+    else:
+        model_path = args.model or default_entry().file
+        model = load_model(model_path, device=pick_device())
+        config = model.config
+        if not config.centres:
+            raise SystemExit("this probe reads lesion-centre models (diffusion_target: centres)")
+    # 8 mm cells on any grid (the centre model's cells at 2 mm), so grids compare.
+    cell = LesionDecoder.CELL if model is not None else int(round(8.0 / config.spacing_mm))
     grid, _ = model_grid(config.spacing_mm, config.crop_shape)
     brain = brain_mask(config.spacing_mm, config.crop_shape)
     cells_shape = tuple(n // cell for n in brain.shape)
-    brain_cells = (
-        brain[: cells_shape[0] * cell, : cells_shape[1] * cell, : cells_shape[2] * cell]
-        .reshape(cells_shape[0], cell, cells_shape[1], cell, cells_shape[2], cell)
-        .any(axis=(1, 3, 5))
-    )
+    brain_cells = to_cells(brain, cells_shape, cell, "max") > 0
     examples = load_examples(args.cohort, config, limit=args.limit)
     probe = replace(SamplerConfig(), samples=1, chunk_size=1, method="ddim", steps=1)
-    site_p: list[float] = []
-    site_rank: list[float] = []
-    other_p: list[np.ndarray] = []
+    net: dict[str, list] = {"values": [], "ranks": [], "others": []}
+    ref: dict[str, list] = {"values": [], "ranks": [], "others": []}
     expected: list[float] = []
-    n_sites_total = 0
-    for e in tqdm(examples, desc="first-step marginals", unit="patient"):
-        out = np.zeros((1, *e.study.images.shape[1:]), dtype=np.float32)
-        sample_masks(model, e.study, [args.therapy], e.horizon_weeks, probe, marginal_out=out)
-        # The marginal is the centre probability spread over its cell: sum a cell back.
-        p_cells = (
-            out[0]
-            .reshape(cells_shape[0], cell, cells_shape[1], cell, cells_shape[2], cell)
-            .sum(axis=(1, 3, 5))
-        )
-        expected.append(float(p_cells.sum()))
+    for e in tqdm(examples, desc="pre-lesional sites", unit="patient"):
         sites = site_cells(e.sidecar, grid, cell, cells_shape)
-        n_sites_total += len(sites)
-        is_site = np.zeros(cells_shape, dtype=bool)
-        for s in sites:
-            is_site[s] = True
-        brain_p = p_cells[brain_cells]
-        for s in sites:
-            site_p.append(float(p_cells[s]))
-            site_rank.append(float(np.mean(brain_p > p_cells[s])))
-        other_p.append(p_cells[brain_cells & ~is_site])
-    others = np.concatenate(other_p)
-    sites_arr = np.asarray(site_p)
-    labels = np.r_[np.ones(len(sites_arr)), np.zeros(len(others))]
+        contrast = to_cells(local_contrast(e.study.images, brain), cells_shape, cell, "max")
+        scored = [(ref, contrast)]
+        if model is not None:
+            out = np.zeros((1, *e.study.images.shape[1:]), dtype=np.float32)
+            sample_masks(model, e.study, [args.therapy], e.horizon_weeks, probe, marginal_out=out)
+            # The marginal is the centre probability spread over its cell: sum a cell back.
+            p_cells = to_cells(out[0], cells_shape, cell, "sum")
+            expected.append(float(p_cells.sum()))
+            scored.append((net, p_cells))
+        for store, score in scored:
+            values, ranks, others = _site_scores(score, sites, brain_cells)
+            store["values"] += values
+            store["ranks"] += ranks
+            store["others"].append(others)
     result: dict[str, Any] = {
-        "model": str(model_path),
+        "model": str(model_path) if model_path else None,
         "cohort": str(args.cohort),
+        "grid_mm": config.spacing_mm,
         "therapy": args.therapy,
         "n_patients": len(examples),
-        "n_visible_sites": int(n_sites_total),
+        "n_visible_sites": len(ref["values"]),
         "cell_mm": cell * config.spacing_mm,
-        "cell_auc_sites_vs_other_brain_cells": rank_auc(np.r_[sites_arr, others], labels),
-        "site_probability_median": float(np.median(sites_arr)) if len(sites_arr) else None,
-        "site_probability_mean": float(sites_arr.mean()) if len(sites_arr) else None,
-        "other_cell_probability_mean": float(others.mean()),
-        "other_cell_probability_p99": float(np.quantile(others, 0.99)),
-        "site_share_at_or_above": {f"{t:g}": float(np.mean(sites_arr >= t)) for t in THRESHOLDS},
-        "other_cells_at_or_above_per_patient": {
-            f"{t:g}": float(np.sum(others >= t) / len(examples)) for t in THRESHOLDS
-        },
-        "site_share_in_top_1_percent_of_own_brain_cells": float(
-            np.mean(np.asarray(site_rank) < 0.01)
-        ),
-        "mean_expected_lesions": float(np.mean(expected)),
+        "reference_local_flair_contrast": _detection(ref["values"], ref["ranks"], ref["others"]),
     }
+    if model is not None:
+        site_p = np.asarray(net["values"])
+        others = np.concatenate(net["others"])
+        result["network_first_step_marginal"] = {
+            **_detection(net["values"], net["ranks"], net["others"]),
+            "site_probability_median": float(np.median(site_p)) if len(site_p) else None,
+            "site_probability_mean": float(site_p.mean()) if len(site_p) else None,
+            "other_cell_probability_mean": float(others.mean()),
+            "other_cell_probability_p99": float(np.quantile(others, 0.99)),
+            "site_share_at_or_above": {f"{t:g}": float(np.mean(site_p >= t)) for t in THRESHOLDS},
+            "other_cells_at_or_above_per_patient": {
+                f"{t:g}": float(np.sum(others >= t) / len(examples)) for t in THRESHOLDS
+            },
+            "mean_expected_lesions": float(np.mean(expected)),
+        }
     text = json.dumps(result, indent=2)
     if args.out is not None:
         args.out.write_text(text + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -10,10 +11,15 @@ import numpy as np
 import pytest
 
 from ms_forecast_node.forecast.ceilings import (
+    YOUNG_CAP,
+    EvidenceModel,
+    LoadModel,
     activity_parameters,
     event_survival,
+    evidence_forecast,
     prelesional_detection_ceiling,
     visible_information_forecast,
+    z_visible_posterior,
 )
 from ms_forecast_node.forecast.registry import default_entry
 from ms_forecast_node.simulate.activity import ActivityParameters
@@ -86,6 +92,40 @@ def test_activity_parameters_come_from_the_cohort_header() -> None:
     assert activity_parameters({}) == ActivityParameters()
 
 
+def _posterior_mean(young: int, load_ml: float) -> float:
+    return float(np.linspace(-5, 5, 401) @ z_visible_posterior(young, load_ml, LoadModel()))
+
+
+def test_evidence_posterior_rises_with_young_lesions_and_load() -> None:
+    means = [_posterior_mean(n, 4.0) for n in (0, 1, 3, 8, YOUNG_CAP)]
+    assert all(a < b for a, b in itertools.pairwise(means))
+    assert _posterior_mean(1, 1.0) < _posterior_mean(1, 4.0) < _posterior_mean(1, 20.0)
+    # Median load and a young-lesion count near its prior mean say little: z near 0.
+    assert abs(_posterior_mean(1, 4.0)) < 0.3
+
+
+def test_evidence_forecast_is_calibrated_over_the_simulator_population() -> None:
+    """Drawn from the simulator's own model, the evidence reader's mean P(active) equals the
+    mean of the image ceiling's (both are the population's), while it spreads less."""
+    params = ActivityParameters()
+    efficacies = [0.0, 0.67]
+    model = EvidenceModel.build(efficacies, 48.0, params)
+    load = LoadModel()
+    rng = np.random.default_rng(7)
+    evidence, ceiling = [], []
+    for _ in range(1500):
+        z = rng.standard_normal()
+        young = int(min(rng.poisson(np.exp(0.2 + 0.8 * z)), YOUNG_CAP))
+        load_ml = float(
+            np.exp(np.log(4.0) + 0.9 * (0.5 * z + np.sqrt(0.75) * rng.standard_normal()))
+        )
+        evidence.append(evidence_forecast(young, load_ml, model, load).p_active)
+        ceiling.append(visible_information_forecast(z, efficacies, 48.0, params).p_active)
+    ev, ce = np.asarray(evidence), np.asarray(ceiling)
+    assert ev.mean(axis=0) == pytest.approx(ce.mean(axis=0), abs=0.02)
+    assert np.all(ev.std(axis=0) < ce.std(axis=0))
+
+
 @pytest.mark.slow
 def test_evaluate_reports_the_image_ceiling(small_cohort: Path, tmp_path: Path) -> None:
     """End to end on the shipped model: the report has every reference and the ceiling row."""
@@ -112,7 +152,8 @@ def test_evaluate_reports_the_image_ceiling(small_cohort: Path, tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     methods = report["methods"]
-    assert {"diffusion", "base_rate", "image_ceiling", "oracle"} <= set(methods)
+    assert {"diffusion", "base_rate", "image_evidence", "image_ceiling", "oracle"} <= set(methods)
+    assert list(methods)[-3:] == ["image_evidence", "image_ceiling", "oracle"]
     ceiling = methods["image_ceiling"]
     assert 0.0 <= ceiling["lesion_detection"]["f1"] <= 1.0
     assert set(ceiling["lesion_detection"]["f1_by_survival_threshold"]) == {

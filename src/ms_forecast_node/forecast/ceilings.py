@@ -14,6 +14,14 @@ everything the simulator puts into the baseline images and nothing else:
 
 Its activity AUC, count Spearman and lesion F1 bound what the forecaster can reach; the issue's
 targets are stated against the full oracle, so the report shows both.
+
+The image ceiling reads ``z_visible`` itself, which no image shows directly. The **evidence
+reference** (:func:`evidence_forecast`) reads instead what carries it into the images: the
+number of young lesions (Poisson with mean ``exp(0.2 + 0.8·z_visible)``) and the lesion load
+(log-normal, half of its log-variance from ``z_visible``), both exactly, and forecasts with the
+simulator's own model from the posterior of ``z_visible`` given them. A forecaster that counts
+young lesions and measures the load perfectly can reach it; the pre-lesional sites it leaves
+out are barely visible at 2 mm (``benchmarks/prelesional_signal.py``).
 """
 
 from __future__ import annotations
@@ -70,6 +78,84 @@ def visible_information_forecast(
     )
 
 
+# How the simulator writes z_visible into the baseline (simulate/patient.py, config.py).
+YOUNG_LOG_MEAN, YOUNG_SLOPE, YOUNG_CAP = 0.2, 0.8, 15
+_Z_GRID = np.linspace(-5.0, 5.0, 401)
+
+
+@dataclass(frozen=True)
+class LoadModel:
+    """Lesion load: ``log load = log(median) + log_sd · (0.5·z_visible + sqrt(0.75)·ε)``."""
+
+    median_ml: float = 4.0
+    log_sd: float = 0.9
+
+    @classmethod
+    def from_header(cls, cohort_header: dict[str, Any]) -> LoadModel:
+        raw = cohort_header.get("config", {})
+        return cls(
+            float(raw.get("lesion_load_median_ml", cls.median_ml)),
+            float(raw.get("lesion_load_log_sd", cls.log_sd)),
+        )
+
+
+def z_visible_posterior(young_count: int, load_ml: float, load: LoadModel) -> np.ndarray:
+    """Posterior weights of ``z_visible`` on :data:`_Z_GRID` given the baseline's number of
+    young lesions (capped at 15 by the simulator) and its lesion load (a standard normal
+    prior)."""
+    z = _Z_GRID
+    log_mu = YOUNG_LOG_MEAN + YOUNG_SLOPE * z
+    mu = np.exp(log_mu)
+    n = min(int(young_count), YOUNG_CAP)
+    if n < YOUNG_CAP:
+        log_like = n * log_mu - mu - float(np.sum(np.log(np.arange(1, n + 1))))
+    else:  # the cap: P(N ≥ 15)
+        from scipy import stats
+
+        log_like = np.log(np.clip(stats.poisson.sf(YOUNG_CAP - 1, mu), 1e-300, None))
+    resid = np.log(max(load_ml, 1e-3)) - np.log(load.median_ml) - load.log_sd * 0.5 * z
+    log_like = log_like - 0.5 * (resid / (load.log_sd * np.sqrt(0.75))) ** 2
+    log_post = log_like - 0.5 * z**2
+    w = np.exp(log_post - log_post.max())
+    return w / w.sum()
+
+
+@dataclass(frozen=True)
+class EvidenceModel:
+    """P(active) and expected counts per therapy on :data:`_Z_GRID`, computed once per cohort."""
+
+    p_active: np.ndarray  # (therapies, grid)
+    expected_count: np.ndarray
+
+    @classmethod
+    def build(
+        cls, efficacies: Sequence[float], horizon_weeks: float, params: ActivityParameters
+    ) -> EvidenceModel:
+        rng = np.random.default_rng(_SEED)
+        z_h = rng.standard_normal(_DRAWS)
+        m = np.exp(rng.normal(0.0, params.response_sd, _DRAWS))
+        keep = (1.0 - np.asarray(efficacies, dtype=float))[:, None] ** m[None, :]
+        per_draw = np.exp(params.log_rate_mean + params.hidden_sd * z_h)[None, :] * keep
+        scale = np.exp(params.visible_sd * _Z_GRID) * horizon_weeks / REFERENCE_HORIZON_WEEKS
+        p = np.empty((len(efficacies), len(_Z_GRID)))
+        for k in range(len(efficacies)):
+            rate = per_draw[k][None, :] * scale[:, None]  # (grid, draws)
+            p[k] = np.mean(-np.expm1(-rate), axis=1)
+        expected = per_draw.mean(axis=1)[:, None] * scale[None, :]
+        return cls(p, expected)
+
+    def forecast(self, weights: np.ndarray) -> VisibleForecast:
+        return VisibleForecast(self.p_active @ weights, self.expected_count @ weights)
+
+
+def evidence_forecast(
+    young_count: int, load_ml: float, model: EvidenceModel, load: LoadModel | None = None
+) -> VisibleForecast:
+    """The forecast of a reader who counts the young lesions and measures the lesion load
+    exactly: the simulator's forecast averaged over the posterior of ``z_visible``."""
+    return model.forecast(z_visible_posterior(young_count, load_ml, load or LoadModel()))
+
+
 def event_survival(efficacy: float, params: ActivityParameters) -> float:
     """Population probability that a placebo-world NET2 event still happens under a therapy of
     this efficacy: ``E[(1 − e)^m]`` over the responsiveness ``m``."""
@@ -110,9 +196,13 @@ def prelesional_detection_ceiling(
 
 
 __all__ = [
+    "EvidenceModel",
+    "LoadModel",
     "VisibleForecast",
     "activity_parameters",
     "event_survival",
+    "evidence_forecast",
     "prelesional_detection_ceiling",
     "visible_information_forecast",
+    "z_visible_posterior",
 ]

@@ -6,6 +6,9 @@ Methods compared on the same patients:
 * ``unet_baseline`` — the deterministic U-Net (probability map, threshold 0.5, components);
   its activity score is the maximum voxel probability;
 * ``base_rate`` — the population base rate of each therapy arm in the training cohort;
+* ``image_evidence`` — counts the baseline's young lesions and measures its lesion load
+  exactly, and forecasts with the simulator's own model from the posterior of the
+  image-visible activity given them: what a perfect reader of those two signs can reach;
 * ``image_ceiling`` — knows perfectly what the simulator puts into the baseline images and
   nothing else (:mod:`ms_forecast_node.forecast.ceilings`): the bound for any image-based
   forecaster, for activity, counts, counterfactuals and lesion detection;
@@ -37,7 +40,10 @@ from tqdm import tqdm
 from ms_forecast_node.anatomy.locations import LocationClass
 from ms_forecast_node.forecast import metrics as M
 from ms_forecast_node.forecast.ceilings import (
+    EvidenceModel,
+    LoadModel,
     activity_parameters,
+    evidence_forecast,
     prelesional_detection_ceiling,
     visible_information_forecast,
 )
@@ -360,6 +366,32 @@ def evaluate(
             ceiling.activity.append(float(vis.p_active[k]))
             ceiling.count.append(float(vis.expected_count[k]))
             ceiling.counterfactual.append([float(v) for v in vis.expected_count])
+    evidence_ok = ceiling_ok and all(
+        "young_lesion_count" in e.sidecar["truth"]
+        and "baseline_lesion_volume_ml" in e.sidecar["truth"]
+        for e in examples
+    )
+    if evidence_ok:
+        horizons = sorted({e.horizon_weeks for e in examples})
+        models = {
+            h: EvidenceModel.build([efficacy[t] for t in therapies], h, params) for h in horizons
+        }
+        load = LoadModel.from_header(cohort_header)
+        reader = preds["image_evidence"] = MethodPredictions()
+        for e in examples:
+            ev = evidence_forecast(
+                int(e.sidecar["truth"]["young_lesion_count"]),
+                float(e.sidecar["truth"]["baseline_lesion_volume_ml"]),
+                models[e.horizon_weeks],
+                load,
+            )
+            k = therapies.index(e.therapy)
+            reader.activity.append(float(ev.p_active[k]))
+            reader.count.append(float(ev.expected_count[k]))
+            reader.counterfactual.append([float(v) for v in ev.expected_count])
+    # References from weakest to strongest information, after the forecasters.
+    order = ["diffusion", "unet_baseline", "base_rate", "image_evidence", "image_ceiling"]
+    preds = {k: preds[k] for k in order if k in preds}
     oracle = preds["oracle"] = MethodPredictions()
     for row, e in zip(truth["expected"], examples, strict=True):
         mu = dict(zip(therapies, row, strict=True))[e.therapy]
@@ -543,6 +575,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             "every visible pre-lesional site when its event survives the factual therapy with a "
             f"population probability of at least 0.5 (F1 by that threshold: {sweep}); it is "
             "counted from the simulator's lesion records.",
+        ]
+    if "image_evidence" in methods:
+        lines += [
+            "",
+            "`image_evidence` reads what carries the visible activity into the images: it "
+            "counts the young lesions and measures the lesion load exactly, and forecasts with "
+            "the simulator's own model from the posterior of the visible activity given them "
+            "(no pre-lesional sites). A forecaster that read those two signs perfectly would "
+            "reach it; `image_ceiling` reads the visible activity itself, which no image shows "
+            "directly.",
         ]
     lines += _uncertainty_section(report)
     lines += ["", "## Average effect against placebo (relative reduction of NET2 count)", ""]
