@@ -14,19 +14,22 @@ from ms_forecast_node.forecast.registry import MODELS_DIR
 from ms_forecast_node.simulate.therapies import load_therapies
 
 
-def _derived_rows(extra: dict[str, Any]) -> tuple[str, str, str]:
-    """Training-data row, training row and an extra card section for weights made from a
-    registered model by ``anchor-effects`` (no training run of their own)."""
+def _derived_rows(extra: dict[str, Any]) -> tuple[str, str, float | None, str]:
+    """Training-data row, training row, the training cohort's horizon (when its header is at
+    hand) and an extra card section, for weights made from a registered model by
+    ``anchor-effects`` (no training run of their own)."""
     base = extra["derived_from"]
     base_extra = base.get("extra", {})
     cohort = base_extra.get("cohort")
     header_path = Path(cohort) / "cohort.json" if cohort else None
+    horizon = None
     if header_path is not None and header_path.is_file():
         header = json.loads(header_path.read_text())
         data = (
             f"`{cohort}`: {header['n_patients']} simulated patients, seed {header['seed']}, "
             "factual therapy only (as in a trial), as for the base model"
         )
+        horizon = float(header["horizon_weeks"])
     else:
         data = f"as for the base model {base['version']} (see its card)"
     training = (
@@ -55,7 +58,7 @@ def _derived_rows(extra: dict[str, Any]) -> tuple[str, str, str]:
             f"| {code} | {ratio:.3f} | {extra['rate_ratio_before'][code]:.3f} | "
             f"{extra['rate_ratio_after'][code]:.3f} | {extra['offset_shift'][code]:+.3f} |"
         )
-    return data, training, "\n".join(lines) + "\n"
+    return data, training, horizon, "\n".join(lines) + "\n"
 
 
 def _run_rows(run_dir: Path, target: Path) -> tuple[str, str, float]:
@@ -109,7 +112,7 @@ def ship_model(
     if run_dir is not None:
         data_row, training_row, horizon = _run_rows(run_dir, target)
     elif "derived_from" in extra:
-        data_row, training_row, section = _derived_rows(extra)
+        data_row, training_row, horizon, section = _derived_rows(extra)
     else:
         raise ConfigurationError(
             f"{weights} has no training run given and was not derived from a registered model"
