@@ -58,6 +58,19 @@ def machine(device: torch.device) -> str:
     return f"{torch.get_num_threads()} torch threads, device cpu"
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image. Linux's ``VmHWM`` starts afresh at exec;
+    ``ru_maxrss`` keeps the peak of the forked parent's copy (here: the parent's whole
+    held-out cohort), which inflated this number before it was read from ``VmHWM``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def full_forecast_child(model_path: str, cohort: str, cfg: SamplerConfig) -> None:
     """Run in a fresh process: one full forecast, print timings and peak memory as JSON. On a
     GPU a first, untimed forecast warms up the kernels (cuDNN picks its algorithms then)."""
@@ -72,8 +85,7 @@ def full_forecast_child(model_path: str, cohort: str, cfg: SamplerConfig) -> Non
     result = forecast_study(model, example.study, SIX, example.horizon_weeks, cfg)
     synchronize(device)
     wall = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"wall_s": wall, "timings": result.timings_s, "peak_rss_mb": peak_kb / 1024}
+    out = {"wall_s": wall, "timings": result.timings_s, "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(json.dumps(out))
