@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,13 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from ms_forecast_node.forecast.anchoring import first_step_cell_probabilities
 from ms_forecast_node.forecast.checkpoint import load_model
-from ms_forecast_node.forecast.config import SamplerConfig, load_configs
+from ms_forecast_node.forecast.config import load_configs
 from ms_forecast_node.forecast.data import brain_mask, load_examples, model_grid
 from ms_forecast_node.forecast.device import pick_device
 from ms_forecast_node.forecast.model import LesionDecoder, NET2Forecaster
 from ms_forecast_node.forecast.registry import default_entry
-from ms_forecast_node.forecast.sampling import sample_masks
 from ms_forecast_node.simulate.activity import rank_auc
 
 THRESHOLDS = (0.5, 0.2, 0.1, 0.05)
@@ -51,11 +50,12 @@ def local_contrast(images: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return np.where(excluded, -np.inf, flair - ndimage.median_filter(flair, size=7))
 
 
-def to_cells(volume: np.ndarray, shape: tuple[int, ...], cell: int, how: str) -> np.ndarray:
+def to_cells(volume: np.ndarray, shape: tuple[int, ...], cell: int) -> np.ndarray:
+    """The maximum of ``volume`` over each cell of ``cell``³ voxels."""
     blocks = volume[: shape[0] * cell, : shape[1] * cell, : shape[2] * cell].reshape(
         shape[0], cell, shape[1], cell, shape[2], cell
     )
-    return blocks.sum(axis=(1, 3, 5)) if how == "sum" else blocks.max(axis=(1, 3, 5))
+    return blocks.max(axis=(1, 3, 5))
 
 
 def _site_scores(
@@ -129,21 +129,18 @@ def main() -> None:
     grid, _ = model_grid(config.spacing_mm, config.crop_shape)
     brain = brain_mask(config.spacing_mm, config.crop_shape)
     cells_shape = tuple(n // cell for n in brain.shape)
-    brain_cells = to_cells(brain, cells_shape, cell, "max") > 0
+    brain_cells = to_cells(brain, cells_shape, cell) > 0
     examples = load_examples(args.cohort, config, limit=args.limit)
-    probe = replace(SamplerConfig(), samples=1, chunk_size=1, method="ddim", steps=1)
     net: dict[str, list] = {"values": [], "ranks": [], "others": []}
     ref: dict[str, list] = {"values": [], "ranks": [], "others": []}
     expected: list[float] = []
     for e in tqdm(examples, desc="pre-lesional sites", unit="patient"):
         sites = site_cells(e.sidecar, grid, cell, cells_shape)
-        contrast = to_cells(local_contrast(e.study.images, brain), cells_shape, cell, "max")
+        contrast = to_cells(local_contrast(e.study.images, brain), cells_shape, cell)
         scored = [(ref, contrast)]
         if model is not None:
-            out = np.zeros((1, *e.study.images.shape[1:]), dtype=np.float32)
-            sample_masks(model, e.study, [args.therapy], e.horizon_weeks, probe, marginal_out=out)
-            # The marginal is the centre probability spread over its cell: sum a cell back.
-            p_cells = to_cells(out[0], cells_shape, cell, "sum")
+            p_cells = first_step_cell_probabilities(model, e, [args.therapy], samples=1)
+            p_cells = p_cells[0].reshape(cells_shape)
             expected.append(float(p_cells.sum()))
             scored.append((net, p_cells))
         for store, score in scored:

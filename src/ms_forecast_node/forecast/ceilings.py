@@ -40,6 +40,14 @@ _DRAWS = 20000
 _SEED = 20250811
 
 
+def _hidden_draws(params: ActivityParameters) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed draws of ``z_hidden`` and the responsiveness ``m`` that the image-based
+    references average over."""
+    rng = np.random.default_rng(_SEED)
+    z_h = rng.standard_normal(_DRAWS)
+    return z_h, np.exp(rng.normal(0.0, params.response_sd, _DRAWS))
+
+
 @dataclass(frozen=True)
 class VisibleForecast:
     """Per therapy (in the order given): P(at least one NET2 lesion) and the expected count."""
@@ -67,9 +75,7 @@ def visible_information_forecast(
     The rate under therapy *k* is ``exp(a + v·z_v + h·z_h) · (1 − e_k)^m · horizon / 48`` and the
     count is Poisson given the rate, so ``P(active) = E[1 − exp(−rate)]``.
     """
-    rng = np.random.default_rng(_SEED)
-    z_h = rng.standard_normal(_DRAWS)
-    m = np.exp(rng.normal(0.0, params.response_sd, _DRAWS))
+    z_h, m = _hidden_draws(params)
     base = np.exp(params.log_rate_mean + params.visible_sd * z_visible + params.hidden_sd * z_h)
     keep = (1.0 - np.asarray(efficacies, dtype=float))[:, None] ** m[None, :]
     rate = base[None, :] * keep * (horizon_weeks / REFERENCE_HORIZON_WEEKS)
@@ -131,9 +137,7 @@ class EvidenceModel:
     def build(
         cls, efficacies: Sequence[float], horizon_weeks: float, params: ActivityParameters
     ) -> EvidenceModel:
-        rng = np.random.default_rng(_SEED)
-        z_h = rng.standard_normal(_DRAWS)
-        m = np.exp(rng.normal(0.0, params.response_sd, _DRAWS))
+        z_h, m = _hidden_draws(params)
         keep = (1.0 - np.asarray(efficacies, dtype=float))[:, None] ** m[None, :]
         per_draw = np.exp(params.log_rate_mean + params.hidden_sd * z_h)[None, :] * keep
         scale = np.exp(params.visible_sd * _Z_GRID) * horizon_weeks / REFERENCE_HORIZON_WEEKS
