@@ -112,13 +112,19 @@ def simulate_cohort_cmd(
     grid_mm: Annotated[float, typer.Option(help="Model grid spacing in mm.")] = 2.0,
     horizon: Annotated[float, typer.Option(help="Weeks between visits (24–96).")] = 48.0,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    prior_weeks: Annotated[
+        float,
+        typer.Option(help="Prior visit this many weeks before baseline (12–96; 0: none)."),
+    ] = 48.0,
 ) -> None:
     """Write a cohort in the documented layout (docs/cohort-format.md)."""
     from ms_forecast_node.simulate.cohort import simulate_cohort
     from ms_forecast_node.simulate.config import SimulationConfig
 
     start = time.perf_counter()
-    config = SimulationConfig(grid_spacing_mm=grid_mm, horizon_weeks=horizon)
+    config = SimulationConfig(
+        grid_spacing_mm=grid_mm, horizon_weeks=horizon, prior_visit_weeks=prior_weeks
+    )
     header = simulate_cohort(out, n, seed, config, workers=workers)
     active = sum(1 for p in header["patients"] if p["net2_count_factual"] > 0)
     log.info(
@@ -349,6 +355,13 @@ def evaluate_cmd(
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present, else CPU), cpu or cuda.")
     ] = "auto",
+    without_prior: Annotated[
+        bool,
+        typer.Option(
+            "--without-prior",
+            help="Hide every patient's prior visit (score first-visit forecasts).",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate on a held-out cohort against base-rate, U-Net, image-ceiling and oracle
     references."""
@@ -364,7 +377,7 @@ def evaluate_cmd(
         sampler = replace(sampler, steps=steps)
     if method is not None:
         sampler = replace(sampler, method=method)
-    evaluate(cohort, model, out, sampler, baseline, train_cohort, limit, device)
+    evaluate(cohort, model, out, sampler, baseline, train_cohort, limit, device, without_prior)
     typer.echo((out / "report.md").read_text())
 
 

@@ -87,6 +87,11 @@ class ExampleBank:
             keep_t = torch.from_numpy(keep).to(self.device)
             images[:, : len(SEQUENCES)] *= keep_t[:, :, None, None, None]
             flags[:, : len(SEQUENCES)] *= keep_t
+            if train.prior_dropout > 0:  # drawn only when on: older seeded runs stay identical
+                drop = torch.from_numpy(rng.random(n) < train.prior_dropout).to(self.device)
+                prior = len(SEQUENCES) + 1  # channels: sequences, lesion mask, prior mask, FLAIR
+                images[drop, prior:] = 0.0
+                flags[drop, len(SEQUENCES) :] = 0.0  # prior availability and interval
         target = self.target.index_select(0, didx)[:, None].float()
         brain = self.brain[None, None].expand(n, 1, *self.brain.shape)
         if augment and train.train_crop is not None:

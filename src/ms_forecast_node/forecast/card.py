@@ -14,6 +14,18 @@ from ms_forecast_node.forecast.registry import MODELS_DIR
 from ms_forecast_node.simulate.therapies import load_therapies
 
 
+def _prior_phrase(cohort_header: dict[str, Any]) -> str:
+    """How the cohort's patients carry a prior visit (empty for single-visit cohorts)."""
+    weeks = float(cohort_header.get("config", {}).get("prior_visit_weeks", 0.0) or 0.0)
+    if not weeks:
+        return ""
+    return (
+        f"; each with a prior visit {weeks:g} weeks before baseline whose interval was "
+        "untreated (its new and enlarging lesions are the temporal context), so forecasts from "
+        "a study whose prior interval was on treatment over-estimate activity"
+    )
+
+
 def _derived_rows(extra: dict[str, Any]) -> tuple[str, str, float | None, str]:
     """Training-data row, training row, the training cohort's horizon (when its header is at
     hand) and an extra card section, for weights made from a registered model by
@@ -28,6 +40,7 @@ def _derived_rows(extra: dict[str, Any]) -> tuple[str, str, float | None, str]:
         data = (
             f"`{cohort}`: {header['n_patients']} simulated patients, seed {header['seed']}, "
             "factual therapy only (as in a trial), as for the base model"
+            f"{_prior_phrase(header)}"
         )
         horizon = float(header["horizon_weeks"])
     else:
@@ -79,6 +92,7 @@ def _run_rows(run_dir: Path, target: Path) -> tuple[str, str, float]:
     data = (
         f"`{run_cfg['cohort']}`: {cohort_header['n_patients']} simulated patients, seed "
         f"{cohort_header['seed']}, factual therapy only (as in a trial)"
+        f"{_prior_phrase(cohort_header)}"
     )
     training = (
         f"{steps}, batch {tr['batch_size']}, random crops {tr.get('train_crop') or 'none (whole grid)'}, "
@@ -86,7 +100,8 @@ def _run_rows(run_dir: Path, target: Path) -> tuple[str, str, float]:
         f"{tr.get('positive_weight', 1.0):g} with calibrating logit offset, "
         f"{tr.get('high_noise_share', 0.0):.0%} of diffusion times from the noisiest 20 % of "
         f"steps, condition dropout {tr['condition_dropout']}, modality dropout "
-        f"{tr['modality_dropout']}, seed {tr['seed']}, on {run_cfg.get('device', 'cpu')}{start}"
+        f"{tr['modality_dropout']}, prior-visit dropout {tr.get('prior_dropout', 0.0)}, "
+        f"seed {tr['seed']}, on {run_cfg.get('device', 'cpu')}{start}"
     )
     return data, training, float(cohort_header["horizon_weeks"])
 

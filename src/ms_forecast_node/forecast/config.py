@@ -72,6 +72,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     condition_dropout: float = 0.1  # therapy -> null token, for classifier-free guidance
     modality_dropout: float = 0.2  # per optional sequence
+    # Share of training studies with a prior visit that are shown without it (channels and flags
+    # zeroed), so the model also forecasts well for a first visit.
+    prior_dropout: float = 0.0
     # BCE weight of NET2 voxels. Training adds log(positive_weight) to the logit inside the loss,
     # so the network's own output stays a calibrated logit at any weight (see train.py).
     positive_weight: float = 1.0

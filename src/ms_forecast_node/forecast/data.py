@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from ms_forecast_node.simulate.cohort import CohortPatient, load_nifti, read_coh
 from ms_forecast_node.simulate.protocols import MRSequence
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: prior-visit channels filled from prior/
 
 
 @functools.lru_cache(maxsize=4)
@@ -157,6 +157,30 @@ def _crop(array: np.ndarray, array_grid: Grid, config: ModelConfig) -> np.ndarra
     return np.ascontiguousarray(array[slices])
 
 
+def _load_prior(
+    patient: CohortPatient, config: ModelConfig
+) -> tuple[np.ndarray, np.ndarray | None, float] | None:
+    """The prior visit's lesion mask, FLAIR (when present) and its interval before baseline in
+    weeks; None when the patient has no prior visit (``prior/lesions.nii.gz``)."""
+    labels_path = patient.folder / "prior" / "lesions.nii.gz"
+    if not labels_path.is_file():
+        return None
+    labels, grid = load_nifti(labels_path)
+    flair_path = patient.image_path("prior", MRSequence.FLAIR)
+    flair = None
+    if flair_path.is_file():
+        arr, flair_grid = load_nifti(flair_path)
+        flair = _crop(arr.astype(np.float32), flair_grid, config)
+    visits = patient.sidecar.get("visits", {})
+    try:
+        weeks = float(visits["baseline"]["week"]) - float(visits["prior"]["week"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CohortFormatError(
+            f"patient {patient.patient_id}: prior visit without visits.prior.week in patient.json"
+        ) from exc
+    return _crop(labels, grid, config) > 0, flair, weeks
+
+
 def load_example(patient: CohortPatient, config: ModelConfig, cache_dir: Path | None) -> Example:
     cache = None if cache_dir is None else cache_dir / f"{patient.patient_id}.npz"
     therapy = str(patient.sidecar["factual_therapy"])
@@ -181,7 +205,15 @@ def load_example(patient: CohortPatient, config: ModelConfig, cache_dir: Path | 
             raise CohortFormatError(f"patient {patient.patient_id}: baseline FLAIR missing")
         labels, grid = load_nifti(patient.folder / "baseline" / "lesions.nii.gz")
         net2, net2_grid = load_nifti(patient.net2_path(therapy))
-        study = prepare_study(sequences, _crop(labels, grid, config) > 0, config)
+        prior = _load_prior(patient, config)
+        study = prepare_study(
+            sequences,
+            _crop(labels, grid, config) > 0,
+            config,
+            prior_lesion_mask=None if prior is None else prior[0],
+            prior_flair=None if prior is None else prior[1],
+            prior_interval_weeks=None if prior is None else prior[2],
+        )
         target = _crop(net2, net2_grid, config) > 0
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +230,15 @@ def load_example(patient: CohortPatient, config: ModelConfig, cache_dir: Path | 
         patient.sidecar,
         patient,
     )
+
+
+def hide_prior(example: Example) -> Example:
+    """The example as a first visit: prior-visit channels and flags zeroed (copies)."""
+    images = example.study.images.copy()
+    flags = example.study.flags.copy()
+    images[len(SEQUENCES) + 1 :] = 0.0  # sequences, lesion mask | prior mask, prior FLAIR
+    flags[len(SEQUENCES) :] = 0.0  # sequence availability | prior availability, interval
+    return replace(example, study=StudyTensors(images, flags, example.study.grid))
 
 
 def cache_folder(cohort: Path, config: ModelConfig) -> Path:

@@ -42,14 +42,17 @@ from ms_forecast_node.forecast import metrics as M
 from ms_forecast_node.forecast.ceilings import (
     EvidenceModel,
     LoadModel,
+    RateTable,
     activity_parameters,
+    ceiling_with_prior,
     evidence_forecast,
+    evidence_with_prior,
     prelesional_detection_ceiling,
     visible_information_forecast,
 )
 from ms_forecast_node.forecast.checkpoint import load_model, sha256_of
-from ms_forecast_node.forecast.config import SamplerConfig
-from ms_forecast_node.forecast.data import Example, load_examples
+from ms_forecast_node.forecast.config import SEQUENCES, SamplerConfig
+from ms_forecast_node.forecast.data import Example, hide_prior, load_examples
 from ms_forecast_node.forecast.device import autocast, pick_device
 from ms_forecast_node.forecast.model import NET2Forecaster
 from ms_forecast_node.forecast.sampling import (
@@ -76,6 +79,17 @@ class MethodPredictions:
     # from the order of ``counterfactual`` (the diffusion model breaks ties in the sample mean
     # with its marginal expected volume, as ForecastResult.ranked does).
     ranking: list[list[float]] = field(default_factory=list)
+
+
+def _interval_evidence(example: Example) -> tuple[int, float] | None:
+    """The prior visit's evidence the image-based references read: the number of new and
+    enlarging lesions since the prior visit and the interval in weeks (None without a prior
+    visit, or when the example is shown to the model without it)."""
+    truth = example.sidecar["truth"]
+    if "prior_interval_weeks" not in truth or example.study.flags[len(SEQUENCES)] < 0.5:
+        return None
+    events = int(truth["prior_interval_new_count"]) + int(truth["prior_interval_enlarging_count"])
+    return events, float(truth["prior_interval_weeks"])
 
 
 def _deterministic_maps(
@@ -282,10 +296,13 @@ def evaluate(
     train_cohort: Path | None = None,
     limit: int | None = None,
     device: str = "auto",
+    without_prior: bool = False,
 ) -> dict[str, Any]:
     """Score the diffusion model and the references on ``cohort``; write the report to ``out``.
 
     ``device``: ``auto`` runs the networks on CUDA when present (bf16 autocast), else the CPU.
+    ``without_prior``: every method sees each patient as a first visit (the prior visit's
+    channels and flags zeroed, and the references ignore the interval's events).
     """
     out.mkdir(parents=True, exist_ok=True)
     figures = out / "figures"
@@ -294,6 +311,8 @@ def evaluate(
     model = load_model(model_path, device=dev)
     therapies = list(model.config.therapies)
     examples = load_examples(cohort, model.config, limit=limit)
+    if without_prior:
+        examples = [hide_prior(e) for e in examples]
     truth = _truth(examples, therapies)
     preds: dict[str, MethodPredictions] = {"diffusion": MethodPredictions()}
     start = time.perf_counter()
@@ -353,15 +372,28 @@ def evaluate(
     ceiling_ok = all(t in efficacy for t in therapies) and all(
         "z_visible" in e.sidecar["truth"] for e in examples
     )
+    tables: dict[float, RateTable] = {}
+
+    def rate_table(horizon: float) -> RateTable:
+        if horizon not in tables:
+            tables[horizon] = RateTable.build([efficacy[t] for t in therapies], horizon, params)
+        return tables[horizon]
+
     if ceiling_ok:
         ceiling = preds["image_ceiling"] = MethodPredictions()
         for e in examples:
-            vis = visible_information_forecast(
-                float(e.sidecar["truth"]["z_visible"]),
-                [efficacy[t] for t in therapies],
-                e.horizon_weeks,
-                params,
-            )
+            interval = _interval_evidence(e)
+            if interval is None:
+                vis = visible_information_forecast(
+                    float(e.sidecar["truth"]["z_visible"]),
+                    [efficacy[t] for t in therapies],
+                    e.horizon_weeks,
+                    params,
+                )
+            else:
+                vis = ceiling_with_prior(
+                    float(e.sidecar["truth"]["z_visible"]), *interval, rate_table(e.horizon_weeks)
+                )
             k = therapies.index(e.therapy)
             ceiling.activity.append(float(vis.p_active[k]))
             ceiling.count.append(float(vis.expected_count[k]))
@@ -379,12 +411,15 @@ def evaluate(
         load = LoadModel.from_header(cohort_header)
         reader = preds["image_evidence"] = MethodPredictions()
         for e in examples:
-            ev = evidence_forecast(
-                int(e.sidecar["truth"]["young_lesion_count"]),
-                float(e.sidecar["truth"]["baseline_lesion_volume_ml"]),
-                models[e.horizon_weeks],
-                load,
-            )
+            young = int(e.sidecar["truth"]["young_lesion_count"])
+            load_ml = float(e.sidecar["truth"]["baseline_lesion_volume_ml"])
+            interval = _interval_evidence(e)
+            if interval is None:
+                ev = evidence_forecast(young, load_ml, models[e.horizon_weeks], load)
+            else:
+                ev = evidence_with_prior(
+                    young, load_ml, *interval, rate_table(e.horizon_weeks), load
+                )
             k = therapies.index(e.therapy)
             reader.activity.append(float(ev.p_active[k]))
             reader.count.append(float(ev.expected_count[k]))

@@ -10,6 +10,7 @@ Layout (format ``ms-forecast-cohort`` version 1; documented in docs/cohort-forma
         baseline/lesions.nii.gz         # int16 lesion labels (ids match patient.json)
         followup/{flair,t1,t2,pd}.nii.gz  # under the factual therapy
         followup/lesions.nii.gz
+        prior/{flair,lesions}.nii.gz    # optional: the visit before baseline (temporal context)
         net2/<therapy>.nii.gz           # uint8 NET2 mask per therapy (real data: factual)
 
 Images are on one grid per cohort (template-aligned, RAS affine in each NIfTI); each patient's
@@ -37,7 +38,7 @@ from ms_forecast_node.anatomy.template import load_template_anatomy
 from ms_forecast_node.errors import CohortFormatError
 from ms_forecast_node.image.geometry import Grid
 from ms_forecast_node.simulate.config import SimulationConfig
-from ms_forecast_node.simulate.images import VISITS, synthesize_visit
+from ms_forecast_node.simulate.images import PRIOR_VISIT, VISITS, synthesize_visit
 from ms_forecast_node.simulate.patient import RenderedPatient, design_patient, render_patient
 from ms_forecast_node.simulate.protocols import MRSequence
 from ms_forecast_node.simulate.therapies import load_therapies
@@ -120,6 +121,23 @@ def patient_truth(rendered: RenderedPatient) -> dict[str, Any]:
             1 for r in rendered.lesions if r.kind == "baseline" and r.age == "young"
         ),
         "atrophy_ventricular_expansion_mm": round(d.atrophy_mm, 4),
+        **_prior_truth(rendered),
+    }
+
+
+def _prior_truth(rendered: RenderedPatient) -> dict[str, Any]:
+    """What changed between the prior visit and baseline (absent without a prior visit)."""
+    d = rendered.design
+    if rendered.prior_labels is None:
+        return {}
+    kinds = Counter(e.kind.value for e in d.prior_events)
+    return {
+        "prior_interval_weeks": d.prior_weeks,
+        "prior_interval_new_count": kinds.get("new", 0),
+        "prior_interval_enlarging_count": kinds.get("enlarge", 0),
+        "prior_lesion_volume_ml": round(
+            float((rendered.prior_labels > 0).sum()) * rendered.grid.voxel_volume_mm3 / 1000, 4
+        ),
     }
 
 
@@ -136,6 +154,20 @@ def write_patient(rendered: RenderedPatient, folder: Path, index: int) -> dict[s
             save_nifti(folder / visit_name / SEQUENCE_FILES[seq], img, grid, np.int16)
         labels = rendered.baseline_labels if v == 0 else rendered.followup_labels
         save_nifti(folder / visit_name / "lesions.nii.gz", labels, grid, np.int16)
+    visits: dict[str, Any] = {}
+    if rendered.prior_labels is not None:
+        # FLAIR and the lesion labels: what the model's temporal context reads.
+        (folder / "prior").mkdir(parents=True, exist_ok=True)
+        prior = synthesize_visit(rendered, PRIOR_VISIT, (MRSequence.FLAIR,))
+        save_nifti(
+            folder / "prior" / SEQUENCE_FILES[MRSequence.FLAIR],
+            prior[MRSequence.FLAIR],
+            grid,
+            np.int16,
+        )
+        save_nifti(folder / "prior" / "lesions.nii.gz", rendered.prior_labels, grid, np.int16)
+        assert d.prior_scanner is not None
+        visits["prior"] = {"week": -d.prior_weeks, "scanner": d.prior_scanner.name}
     for code, mask in rendered.net2.items():
         save_nifti(folder / "net2" / f"{code}.nii.gz", mask, grid, np.uint8)
     sidecar = {
@@ -150,6 +182,7 @@ def write_patient(rendered: RenderedPatient, folder: Path, index: int) -> dict[s
         "factual_therapy": d.factual_therapy,
         "horizon_weeks": d.horizon_weeks,
         "visits": {
+            **visits,
             "baseline": {"week": 0.0, "scanner": d.scanners[0].name},
             "followup": {"week": d.horizon_weeks, "scanner": d.scanners[1].name},
         },

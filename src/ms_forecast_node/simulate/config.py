@@ -39,6 +39,10 @@ class SimulationConfig:
     same_scanner_probability: float = 0.7
     prodrome_probability: float = 0.6  # share of future new-lesion sites visible at baseline
     prodrome_strength: float = 0.8  # partial-volume weight of the pre-lesional change
+    # A prior visit this many weeks before baseline (0: none). The interval before baseline is
+    # untreated (a trial's run-in), so the lesions that appeared in it are a Poisson count of the
+    # patient's full placebo rate: the temporal context shows the hidden activity too.
+    prior_visit_weeks: float = 48.0
 
     def __post_init__(self) -> None:
         if not 24.0 <= self.horizon_weeks <= 96.0:
@@ -46,6 +50,11 @@ class SimulationConfig:
         if self.grid_spacing_mm not in (1.0, 2.0, 3.0, 4.0):
             raise SimulationError(
                 f"grid spacing must be 1, 2, 3 or 4 mm, got {self.grid_spacing_mm}"
+            )
+        if self.prior_visit_weeks and not 12.0 <= self.prior_visit_weeks <= 96.0:
+            raise SimulationError(
+                f"prior visit must be 12–96 weeks before baseline (or 0), got "
+                f"{self.prior_visit_weeks}"
             )
         if self.enlarge_volume_factor[0] < 1.0 + self.enlarging_threshold:
             raise SimulationError("enlargement factors must exceed the enlarging threshold")

@@ -61,6 +61,16 @@ class NET2Event:
 
 
 @dataclass(frozen=True)
+class IntervalEvent:
+    """A change between the prior visit and baseline: a baseline lesion that was absent at the
+    prior visit (``new``) or ``volume_factor`` times smaller there (``enlarge``)."""
+
+    kind: EventKind
+    lesion_id: int
+    volume_factor: float = 1.0
+
+
+@dataclass(frozen=True)
 class PatientDesign:
     patient_id: str
     seed: int
@@ -79,6 +89,24 @@ class PatientDesign:
     shrink_factors: dict[int, float] = field(default_factory=dict)
     sex: str = "F"
     age_years: int = 35
+    prior_weeks: float = 0.0  # the prior visit's distance before baseline (0: no prior visit)
+    prior_events: tuple[IntervalEvent, ...] = ()
+    prior_scanner: ScannerProfile | None = None
+
+    def prior_lesions(self) -> tuple[list[Lesion], dict[int, LesionShape]]:
+        """Lesions present at the prior visit (all old by then) and the shapes that differ."""
+        absent = {e.lesion_id for e in self.prior_events if e.kind is EventKind.NEW}
+        shapes = {
+            e.lesion_id: self.baseline_lesions[e.lesion_id - 1].shape.scaled(1.0 / e.volume_factor)
+            for e in self.prior_events
+            if e.kind is EventKind.ENLARGE
+        }
+        lesions = [
+            Lesion(les.lesion_id, les.shape, LesionAge.OLD, les.black_hole, les.intended_location)
+            for les in self.baseline_lesions
+            if les.lesion_id not in absent
+        ]
+        return lesions, shapes
 
     @property
     def horizon_weeks(self) -> float:
@@ -215,8 +243,10 @@ def design_patient(
     config = config or SimulationConfig()
     therapies: tuple[Therapy, ...] = load_therapies()
     codes = [t.code for t in therapies]
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(6)]
-    rng_act, rng_anat, rng_les, rng_evt, rng_scan, rng_misc = streams
+    # A seventh stream for the prior visit: the first six (and so every patient drawn before
+    # prior visits existed) are unchanged, because SeedSequence children depend on their index.
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(7)]
+    rng_act, rng_anat, rng_les, rng_evt, rng_scan, rng_misc, rng_prior = streams
 
     activity = draw_activity(rng_act, config.activity, therapies)
     if factual_therapy is None:
@@ -339,6 +369,12 @@ def design_patient(
     else:
         scanner1 = draw_scanner(rng_scan, "SIM-SCANNER-B")
 
+    prior_events: tuple[IntervalEvent, ...] = ()
+    prior_scanner = None
+    if config.prior_visit_weeks:
+        prior_events = _interval_events(lesions, activity, config, rng_prior)
+        prior_scanner = with_new_session(scanner0, rng_prior)
+
     return PatientDesign(
         patient_id=patient_id or f"SIM{seed:04d}{index:05d}",
         seed=seed,
@@ -357,7 +393,50 @@ def design_patient(
         shrink_factors=shrink,
         sex="F" if rng_misc.random() < 0.7 else "M",  # RRMS is about 2-3x more common in women
         age_years=int(np.clip(rng_misc.normal(36, 9), 18, 60)),
+        prior_weeks=float(config.prior_visit_weeks),
+        prior_events=prior_events,
+        prior_scanner=prior_scanner,
     )
+
+
+def _interval_events(
+    lesions: list[Lesion],
+    activity: PatientActivity,
+    config: SimulationConfig,
+    rng: np.random.Generator,
+) -> tuple[IntervalEvent, ...]:
+    """What changed between the prior visit and baseline.
+
+    The interval is untreated, so its events are ``Poisson(mu0 · weeks / 48)`` with the same
+    placebo rate (visible *and* hidden activity) as the forecast horizon: past activity is the
+    best-known predictor of future activity in MS. An event enlarges a baseline lesion with the
+    simulator's enlarging share; otherwise it is a baseline lesion that did not exist at the
+    prior visit, taken among the young lesions first (they are the recent ones), then among the
+    old ones. Black holes are chronic and never new in the interval.
+    """
+    n_events = int(rng.poisson(activity.placebo_rate_48w * config.prior_visit_weeks / 48.0))
+    young = [les.lesion_id for les in lesions if les.age is LesionAge.YOUNG]
+    old = [les.lesion_id for les in lesions if les.age is LesionAge.OLD and not les.black_hole]
+    old = [old[i] for i in rng.permutation(len(old))]
+    available = young + old
+    used: set[int] = set()
+    events: list[IntervalEvent] = []
+    for _ in range(n_events):
+        if rng.random() < config.activity.enlarging_share:
+            candidates = [les.lesion_id for les in lesions if les.lesion_id not in used]
+            if not candidates:
+                break
+            target = int(rng.choice(candidates))
+            factor = float(rng.uniform(*config.enlarge_volume_factor))
+            events.append(IntervalEvent(EventKind.ENLARGE, target, factor))
+        else:
+            fresh = [i for i in available if i not in used]
+            if not fresh:
+                break
+            target = fresh[0]
+            events.append(IntervalEvent(EventKind.NEW, target))
+        used.add(target)
+    return tuple(events)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +474,8 @@ class RenderedPatient:
     net2: dict[str, np.ndarray]  # therapy -> bool mask
     net2_lesion_ids: dict[str, list[int]]
     lesions: list[LesionRecord]
+    prior_labels: np.ndarray | None = None  # the prior visit (None: no prior visit)
+    prior_pv: dict[str, np.ndarray] | None = None
 
     def location_maps(self) -> LocationMaps:
         return LocationMaps(
@@ -437,6 +518,11 @@ def render_patient(design: PatientDesign, spacing_mm: float | None = None) -> Re
     prodrome_pv, _ = paint(prodromes, grid, prodrome_shapes)
     bl_pv["prodrome"] = prodrome_pv * np.float32(design.config.prodrome_strength)
     bl_mask = bl_labels > 0
+    prior_pv: dict[str, np.ndarray] | None = None
+    prior_labels: np.ndarray | None = None
+    if design.prior_weeks:
+        prior_lesions, prior_shapes = design.prior_lesions()
+        prior_pv, prior_labels = _pv_by_type(prior_lesions, grid, prior_shapes)
     net2: dict[str, np.ndarray] = {}
     net2_ids: dict[str, list[int]] = {}
     fu_pv: dict[str, np.ndarray] = {}
@@ -521,4 +607,6 @@ def render_patient(design: PatientDesign, spacing_mm: float | None = None) -> Re
         net2=net2,
         net2_lesion_ids=net2_ids,
         lesions=records,
+        prior_labels=prior_labels,
+        prior_pv=prior_pv,
     )

@@ -1,0 +1,189 @@
+"""The prior visit: simulated (interval events from the full placebo rate), loaded as the model's
+temporal context, dropped in training, hidden in evaluation, and read by the references."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ms_forecast_node.forecast.batches import ExampleBank
+from ms_forecast_node.forecast.ceilings import (
+    RateTable,
+    ceiling_with_prior,
+    evidence_with_prior,
+    visible_information_forecast,
+)
+from ms_forecast_node.forecast.config import SEQUENCES, ModelConfig, TrainConfig
+from ms_forecast_node.forecast.data import hide_prior, load_examples
+from ms_forecast_node.simulate.activity import ActivityParameters, PatientActivity, rank_auc
+from ms_forecast_node.simulate.cohort import load_nifti
+from ms_forecast_node.simulate.config import SimulationConfig
+from ms_forecast_node.simulate.lesions import Lesion, LesionAge
+from ms_forecast_node.simulate.patient import (
+    EventKind,
+    _interval_events,
+    design_patient,
+    render_patient,
+)
+from ms_forecast_node.simulate.therapies import load_therapies
+
+PRIOR_MASK = len(SEQUENCES) + 1  # channels: sequences, lesion mask, prior mask, prior FLAIR
+PRIOR_FLAG = len(SEQUENCES)  # flags: sequences, prior availability, interval / 48
+
+
+def _lesions(design_lesions: tuple[Lesion, ...]) -> list[Lesion]:
+    return list(design_lesions)
+
+
+def test_interval_events_are_poisson_in_the_full_placebo_rate() -> None:
+    """Mean and variance of the interval count equal rate × weeks / 48 (hidden part included:
+    the rate passed in is the patient's whole placebo rate)."""
+    lesions = _lesions(design_patient(5, 0).baseline_lesions)
+    config = SimulationConfig(prior_visit_weeks=24.0)
+    activity = PatientActivity(0.0, 1.5, 1.0, 3.0, {})
+    rng = np.random.default_rng(0)
+    counts = np.array([len(_interval_events(lesions, activity, config, rng)) for _ in range(3000)])
+    assert counts.mean() == pytest.approx(1.5, rel=0.06)
+    assert counts.var() == pytest.approx(1.5, rel=0.12)
+
+
+def test_interval_new_lesions_are_the_young_ones_first_and_never_black_holes() -> None:
+    lesions = _lesions(design_patient(5, 0).baseline_lesions)
+    young = {les.lesion_id for les in lesions if les.age is LesionAge.YOUNG}
+    black = {les.lesion_id for les in lesions if les.black_hole}
+    config = SimulationConfig()
+    activity = PatientActivity(0.0, 0.0, 1.0, 40.0, {})
+    events = _interval_events(lesions, activity, config, np.random.default_rng(1))
+    new = [e.lesion_id for e in events if e.kind is EventKind.NEW]
+    assert len(new) > len(young)
+    assert set(new[: len(young)]) == young
+    assert not set(new) & black
+    assert len({e.lesion_id for e in events}) == len(events)  # one change per lesion
+
+
+def test_prior_visit_keeps_the_baseline_and_renders_the_interval() -> None:
+    """The prior visit uses a seventh random stream: baseline and events are those of a
+    patient drawn without it; at the prior visit the interval's new lesions are absent and its
+    enlarged lesions smaller."""
+    with_prior = design_patient(1000, 2)
+    without = design_patient(1000, 2, SimulationConfig(prior_visit_weeks=0.0))
+    assert without.prior_events == () and without.prior_scanner is None
+    assert [les.shape.center.tolist() for les in with_prior.baseline_lesions] == [
+        les.shape.center.tolist() for les in without.baseline_lesions
+    ]
+    assert with_prior.events == without.events
+    design = next(
+        d
+        for d in (design_patient(1000, i) for i in range(12))
+        if {e.kind for e in d.prior_events} == {EventKind.NEW, EventKind.ENLARGE}
+    )
+    rendered = render_patient(design)
+    assert rendered.prior_labels is not None
+    for event in design.prior_events:
+        at_baseline = np.count_nonzero(rendered.baseline_labels == event.lesion_id)
+        at_prior = np.count_nonzero(rendered.prior_labels == event.lesion_id)
+        if event.kind is EventKind.NEW:
+            assert at_prior == 0
+        else:
+            assert at_prior < at_baseline
+    changed = {e.lesion_id for e in design.prior_events}
+    for lesion in design.baseline_lesions:
+        if lesion.lesion_id not in changed:
+            assert np.count_nonzero(rendered.prior_labels == lesion.lesion_id) == np.count_nonzero(
+                rendered.baseline_labels == lesion.lesion_id
+            )
+
+
+def test_cohort_prior_visit_reaches_the_model_inputs(small_cohort: Path) -> None:
+    config = ModelConfig()
+    examples = load_examples(small_cohort, config, cache=False)
+    for example in examples:
+        sidecar = json.loads((example.patient.folder / "patient.json").read_text())
+        assert sidecar["visits"]["prior"]["week"] == -48.0
+        truth = sidecar["truth"]
+        assert truth["prior_interval_weeks"] == 48.0
+        labels, _ = load_nifti(example.patient.folder / "prior" / "lesions.nii.gz")
+        assert labels.max() > 0
+        assert example.study.flags[PRIOR_FLAG] == 1.0
+        assert example.study.flags[PRIOR_FLAG + 1] == pytest.approx(1.0)
+        prior_mask = example.study.images[PRIOR_MASK]
+        current = example.study.images[len(SEQUENCES)]
+        # Lesions only shrink going back to the prior visit, apart from the ones that shrink
+        # between prior and baseline (none: shrinking is a follow-up event).
+        assert prior_mask.sum() <= current.sum()
+        assert example.study.images[PRIOR_MASK + 1].std() > 0  # the prior FLAIR
+        hidden = hide_prior(example)
+        assert hidden.study.images[PRIOR_MASK:].max() == 0.0
+        assert hidden.study.flags[PRIOR_FLAG:].max() == 0.0
+        np.testing.assert_array_equal(
+            hidden.study.images[:PRIOR_MASK], example.study.images[:PRIOR_MASK]
+        )
+        assert example.study.flags[PRIOR_FLAG] == 1.0  # the original is untouched
+
+
+def test_prior_dropout_hides_the_whole_prior_visit(small_cohort: Path) -> None:
+    config = ModelConfig()
+    examples = load_examples(small_cohort, config, cache=False)
+    data = ExampleBank(examples, config, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    always = replace(TrainConfig(), modality_dropout=0.0, condition_dropout=0.0, prior_dropout=1.0)
+    batch = data.batch(range(len(examples)), always, rng, augment=True)
+    assert float(batch["images"][:, PRIOR_MASK:].abs().max()) == 0.0
+    assert float(batch["flags"][:, PRIOR_FLAG:].abs().max()) == 0.0
+    assert float(batch["images"][:, len(SEQUENCES)].sum()) > 0  # the current mask stays
+    never = replace(always, prior_dropout=0.0)
+    batch = data.batch(range(len(examples)), never, rng, augment=True)
+    assert float(batch["flags"][:, PRIOR_FLAG].min()) == 1.0
+    assert float(batch["images"][:, PRIOR_MASK].sum()) > 0
+
+
+def _population(n: int, weeks: float, seed: int = 3) -> dict[str, np.ndarray]:
+    params = ActivityParameters()
+    eff = np.array([t.efficacy_net2 for t in load_therapies()])
+    rng = np.random.default_rng(seed)
+    z_v, z_h = rng.standard_normal(n), rng.standard_normal(n)
+    m = np.exp(rng.normal(0.0, params.response_sd, n))
+    arm = rng.integers(0, len(eff), n)
+    mu0 = np.exp(params.log_rate_mean + params.visible_sd * z_v + params.hidden_sd * z_h)
+    return {
+        "z_v": z_v,
+        "arm": arm,
+        "interval": rng.poisson(mu0 * weeks / 48.0),
+        "active": rng.poisson(mu0 * (1.0 - eff[arm]) ** m) > 0,
+        "eff": eff,
+    }
+
+
+def test_ceiling_with_prior_is_calibrated_and_sharper_than_without() -> None:
+    """Over the simulator's own population: the prior-aware ceiling's mean P(active) matches
+    the share of active patients, and its AUC beats the single-visit ceiling's."""
+    params = ActivityParameters()
+    pop = _population(1500, 48.0)
+    table = RateTable.build(list(pop["eff"]), 48.0, params)
+    with_prior, without = [], []
+    for z, k, n in zip(pop["z_v"], pop["arm"], pop["interval"], strict=True):
+        with_prior.append(ceiling_with_prior(float(z), int(n), 48.0, table).p_active[k])
+        without.append(visible_information_forecast(float(z), pop["eff"], 48.0, params).p_active[k])
+    with_prior_a, without_a = np.array(with_prior), np.array(without)
+    assert with_prior_a.mean() == pytest.approx(pop["active"].mean(), abs=0.03)
+    assert rank_auc(with_prior_a, pop["active"]) > rank_auc(without_a, pop["active"]) + 0.02
+
+
+def test_prior_evidence_rises_with_the_interval_count_and_a_zero_week_interval_is_silent() -> None:
+    params = ActivityParameters()
+    eff = [t.efficacy_net2 for t in load_therapies()]
+    table = RateTable.build(eff, 48.0, params)
+    quiet = evidence_with_prior(2, 4.0, 0, 48.0, table)
+    busy = evidence_with_prior(2, 4.0, 6, 48.0, table)
+    assert np.all(busy.p_active > quiet.p_active)
+    assert np.all(busy.expected_count > 2 * quiet.expected_count)
+    # An interval of (almost) no time carries no information: the single-visit ceiling.
+    silent = ceiling_with_prior(0.4, 0, 1e-9, table)
+    single = visible_information_forecast(0.4, eff, 48.0, params)
+    np.testing.assert_allclose(silent.p_active, single.p_active, atol=0.01)
+    np.testing.assert_allclose(silent.expected_count, single.expected_count, rtol=0.02)
