@@ -19,7 +19,14 @@ from ms_forecast_node.forecast.ceilings import (
     visible_information_forecast,
 )
 from ms_forecast_node.forecast.config import SEQUENCES, ModelConfig, TrainConfig
-from ms_forecast_node.forecast.data import hide_prior, load_examples
+from ms_forecast_node.forecast.data import (
+    hide_prior,
+    interval_lesion_count,
+    load_examples,
+    prior_activity_feature,
+)
+from ms_forecast_node.forecast.model import NET2Forecaster
+from ms_forecast_node.forecast.prior_head import fit_head
 from ms_forecast_node.simulate.activity import ActivityParameters, PatientActivity, rank_auc
 from ms_forecast_node.simulate.cohort import load_nifti
 from ms_forecast_node.simulate.config import SimulationConfig
@@ -31,6 +38,7 @@ from ms_forecast_node.simulate.patient import (
     render_patient,
 )
 from ms_forecast_node.simulate.therapies import load_therapies
+from tests.forecast_cases import CENTRES
 
 PRIOR_MASK = len(SEQUENCES) + 1  # channels: sequences, lesion mask, prior mask, prior FLAIR
 PRIOR_FLAG = len(SEQUENCES)  # flags: sequences, prior availability, interval / 48
@@ -187,3 +195,54 @@ def test_prior_evidence_rises_with_the_interval_count_and_a_zero_week_interval_i
     single = visible_information_forecast(0.4, eff, 48.0, params)
     np.testing.assert_allclose(silent.p_active, single.p_active, atol=0.01)
     np.testing.assert_allclose(silent.expected_count, single.expected_count, rtol=0.02)
+
+
+def test_interval_lesion_count_follows_the_net2_definition() -> None:
+    current = np.zeros((12, 12, 12), bool)
+    prior = current.copy()
+    current[1:3, 1:3, 1:3] = prior[1:3, 1:3, 1:3] = True  # stable: not counted
+    current[5:8, 5:8, 5:8] = True
+    prior[5:7, 5:8, 5:8] = True  # 27 voxels now, 18 before: exactly 1.5×, enlarging
+    current[0, 10, 10] = True  # new
+    current[10:12, 0:2, 0:2] = True
+    prior[10:12, 0:2, 0] = True  # 8 voxels now, 4 before: enlarging
+    current[9, 9, 0:3] = True
+    prior[9, 9, 0:2] = True  # 3 now, 2 before: grew by 50 %, counted
+    assert interval_lesion_count(current, prior) == 4
+    assert interval_lesion_count(prior, prior) == 0
+    assert prior_activity_feature(current, prior, 24.0) == pytest.approx(np.log(4.5 / 0.5))
+
+
+def test_prior_head_fit_recovers_a_known_head() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(-7.0, 1.0, (600, 400))  # ~0.7 expected lesions per study
+    features = rng.normal(0.0, 1.0, 600)
+    true_a, true_b = 0.3, 0.6
+    lam = (1.0 / (1.0 + np.exp(-(logits + (true_a + true_b * features)[:, None])))).sum(axis=1)
+    counts = rng.poisson(lam).astype(float)
+    a, b, before, after = fit_head(logits, features, counts)
+    assert a == pytest.approx(true_a, abs=0.1)
+    assert b == pytest.approx(true_b, abs=0.1)
+    assert after > before
+
+
+def test_prior_head_shifts_only_studies_with_a_prior_visit() -> None:
+    config = replace(CENTRES, prior_activity_head=True)
+    torch.manual_seed(0)
+    model = NET2Forecaster(config).eval()
+    assert model.denoiser.prior_activity is not None
+    n = config.n_flags
+    images = torch.randn(2, config.n_image_channels, *config.crop_shape)
+    flags = torch.ones(2, n + 1)
+    flags[1, n - 2] = 0.0  # the second study has no prior visit
+    flags[:, n] = 1.7  # its feature is ignored
+    x_t = torch.randn(2, 1, *(s // 4 for s in config.crop_shape))  # the cell map
+    t = torch.tensor([10, 10])
+    therapy = torch.tensor([0, 0])
+    horizon = torch.tensor([48.0, 48.0])
+    with torch.no_grad():
+        off = model.denoiser(x_t, t, therapy, horizon, model.encoder(images, flags))
+        model.denoiser.prior_activity.copy_(torch.tensor([0.25, 0.5]))
+        on = model.denoiser(x_t, t, therapy, horizon, model.encoder(images, flags))
+    torch.testing.assert_close(on[0] - off[0], torch.full_like(on[0], 0.25 + 0.5 * 1.7))
+    torch.testing.assert_close(on[1], off[1])

@@ -284,6 +284,55 @@ def anchor_effects_cmd(
     typer.echo(f"wrote {out / 'model.safetensors'} (sha256 {digest})")
 
 
+@app.command("fit-prior-head")
+def fit_prior_head_cmd(
+    model: Annotated[Path, typer.Option(help="Lesion-centre model weights (.safetensors).")],
+    cohort: Annotated[
+        Path, typer.Option(help="Training cohort with prior visits (images and outcomes).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for model.safetensors and prior_head.json.")],
+    version: Annotated[str, typer.Option(help="Version of the model with the head.")],
+    limit: Annotated[int, typer.Option(help="First N studies of the cohort.")] = 300,
+    samples: Annotated[int, typer.Option(help="Starting-noise draws per study.")] = 2,
+) -> None:
+    """Fit the prior-activity head (past NET2 rate from the prior visit -> log-rate shift) by
+    maximum likelihood on the factual outcomes of a training cohort."""
+    from ms_forecast_node.forecast.checkpoint import (
+        load_model,
+        read_metadata,
+        save_model,
+        sha256_of,
+    )
+    from ms_forecast_node.forecast.data import load_examples
+    from ms_forecast_node.forecast.device import pick_device
+    from ms_forecast_node.forecast.prior_head import fit_prior_head
+
+    base = load_model(model, device=pick_device())
+    examples = load_examples(cohort, base.config, limit=limit)
+    fitted, fit = fit_prior_head(base, examples, version, samples)
+    out.mkdir(parents=True, exist_ok=True)
+    base_extra = json.loads(read_metadata(model).get("extra") or "{}")
+    record = {
+        **base_extra,  # an anchored base keeps its derivation (card: base weights, shifts)
+        "prior_head_base": {
+            "file": model.name,
+            "version": base.config.version,
+            "sha256": sha256_of(model),
+        },
+        "prior_head_cohort": str(cohort),
+        "prior_head": fit.as_dict(),
+    }
+    digest = save_model(fitted, out / "model.safetensors", record)
+    (out / "prior_head.json").write_text(json.dumps(record, indent=2) + "\n")
+    typer.echo(
+        f"head on {fit.n_studies} studies: a = {fit.intercept:+.3f}, b = {fit.slope:+.3f} per "
+        f"log(interval rate); log-likelihood {fit.log_likelihood_before:.1f} -> "
+        f"{fit.log_likelihood_after:.1f}; mean count observed {fit.mean_count_observed:.3f}, "
+        f"forecast {fit.mean_count_before:.3f} -> {fit.mean_count_after:.3f}"
+    )
+    typer.echo(f"wrote {out / 'model.safetensors'} (sha256 {digest})")
+
+
 @app.command("ship-model")
 def ship_model_cmd(
     weights: Annotated[Path, typer.Option(help="Weights to ship (.safetensors).")],

@@ -22,7 +22,7 @@ def _prior_phrase(cohort_header: dict[str, Any]) -> str:
     return (
         f"; each with a prior visit {weeks:g} weeks before baseline whose interval was "
         "untreated (its new and enlarging lesions are the temporal context), so forecasts from "
-        "a study whose prior interval was on treatment over-estimate activity"
+        "a study whose prior interval was on treatment under-estimate activity"
     )
 
 
@@ -72,6 +72,32 @@ def _derived_rows(extra: dict[str, Any]) -> tuple[str, str, float | None, str]:
             f"{extra['rate_ratio_after'][code]:.3f} | {extra['offset_shift'][code]:+.3f} |"
         )
     return data, training, horizon, "\n".join(lines) + "\n"
+
+
+def _prior_head_section(extra: dict[str, Any]) -> str:
+    """The card section of a model with a fitted prior-activity head (``fit-prior-head``)."""
+    fit = extra["prior_head"]
+    base = extra["prior_head_base"]
+    return "\n".join(
+        [
+            "",
+            "## Prior-activity head",
+            "",
+            f"On top of {base['version']} (`{base['file']}`, sha256 `{base['sha256'][:16]}…`): "
+            "for a study with a prior visit, every lesion-centre logit is moved by "
+            f"`{fit['intercept']:+.3f} {fit['slope']:+.3f}·log((n + 0.5) / (weeks / 48))`, where "
+            "`n` counts the new and enlarging lesions between the prior and the current lesion "
+            "mask. Fitted by maximum likelihood (Poisson, the network's forecast as offset) on "
+            f"the factual NET2 counts of {fit['n_studies']} studies of "
+            f"`{extra['prior_head_cohort']}` (log-likelihood {fit['log_likelihood_before']:.1f} "
+            f"→ {fit['log_likelihood_after']:.1f}). Studies without a prior visit are forecast "
+            "as by the base model. The simulated interval before baseline is untreated: when the "
+            "patient was treated between the two studies, the head reads less activity than an "
+            "untreated patient would show and the forecast under placebo is too low; when the "
+            "interval is much shorter or longer than 48 weeks the count is noisier.",
+            "",
+        ]
+    )
 
 
 def _run_rows(run_dir: Path, target: Path) -> tuple[str, str, float]:
@@ -128,6 +154,8 @@ def ship_model(
         data_row, training_row, horizon = _run_rows(run_dir, target)
     elif "derived_from" in extra:
         data_row, training_row, horizon, section = _derived_rows(extra)
+        if "prior_head" in extra:
+            section += _prior_head_section(extra)
     else:
         raise ConfigurationError(
             f"{weights} has no training run given and was not derived from a registered model"

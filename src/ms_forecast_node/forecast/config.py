@@ -40,6 +40,12 @@ class ModelConfig:
     # events the logit is the log rate, so a therapy then acts as one rate ratio shared by all
     # patients (as trials estimate it) and the expected count scales with the horizon.
     rate_offsets: bool = False
+    # A prior-activity head: for a study with a prior visit, add ``a + b·log((n + 0.5) / (w/48))``
+    # to the output logit, where ``n`` is the number of new and enlarging lesions between the
+    # prior lesion mask and the current one and ``w`` the interval in weeks. Past activity is a
+    # rate, so it acts on the log rate; ``a, b`` are fitted by maximum likelihood on a training
+    # cohort (``ms-forecast-node fit-prior-head``).
+    prior_activity_head: bool = False
 
     def __post_init__(self) -> None:
         if self.diffusion_target not in DIFFUSION_TARGETS:
@@ -59,7 +65,9 @@ class ModelConfig:
 
     @property
     def n_flags(self) -> int:
-        # availability of each sequence and of the prior visit, and the prior interval
+        # availability of each sequence and of the prior visit, and the prior interval (the
+        # study's flag vector carries one more entry after these, the prior-activity feature,
+        # which only the prior-activity head reads)
         return len(SEQUENCES) + 2
 
 

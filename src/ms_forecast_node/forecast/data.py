@@ -26,7 +26,7 @@ from ms_forecast_node.simulate.cohort import CohortPatient, load_nifti, read_coh
 from ms_forecast_node.simulate.protocols import MRSequence
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 2  # 2: prior-visit channels filled from prior/
+CACHE_FORMAT = 3  # 2: prior-visit channels from prior/; 3: prior-activity flag
 
 
 @functools.lru_cache(maxsize=4)
@@ -131,7 +131,33 @@ def prepare_study(
     )
     flags.append(1.0 if has_prior else 0.0)
     flags.append((prior_interval_weeks or 0.0) / 48.0)
+    flags.append(
+        prior_activity_feature(lesion_mask > 0, prior_lesion_mask > 0, prior_interval_weeks or 48.0)
+        if prior_lesion_mask is not None
+        else 0.0
+    )
     return StudyTensors(np.stack(channels), np.asarray(flags, np.float32), grid)
+
+
+def interval_lesion_count(current: np.ndarray, prior: np.ndarray) -> int:
+    """New and enlarging lesions between two registered binary lesion masks: connected
+    components of the current mask that have no voxel in the prior mask (new) or at least 1.5
+    times their overlap with it (enlarging, the NET2 definition's 50 % growth)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(current)
+    if n == 0:
+        return 0
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    overlap = np.bincount(labels[prior].ravel(), minlength=n + 1)[1:]
+    return int(np.count_nonzero((overlap == 0) | (sizes >= 1.5 * overlap)))
+
+
+def prior_activity_feature(current: np.ndarray, prior: np.ndarray, interval_weeks: float) -> float:
+    """``log((n + 0.5) / (weeks / 48))``: the log of the interval's NET2 rate per 48 weeks
+    (``n`` from :func:`interval_lesion_count`; 0.5 keeps quiet intervals finite)."""
+    n = interval_lesion_count(current, prior)
+    return float(np.log((n + 0.5) / (max(interval_weeks, 1.0) / 48.0)))
 
 
 @dataclass

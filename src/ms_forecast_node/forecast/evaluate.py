@@ -609,7 +609,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             "the hidden activity and the patient's therapy response. The ceiling's lesion F1 marks "
             "every visible pre-lesional site when its event survives the factual therapy with a "
             f"population probability of at least 0.5 (F1 by that threshold: {sweep}); it is "
-            "counted from the simulator's lesion records.",
+            "counted from the simulator's lesion records. For a patient shown with a prior "
+            "visit, both image-based references also count the interval's new and enlarging "
+            "lesions exactly (they carry the hidden activity too).",
         ]
     if "image_evidence" in methods:
         lines += [

@@ -243,6 +243,9 @@ class Denoiser(nn.Module):
         self.therapy_offset = nn.Embedding(self.n_therapies + 1, 1) if config.rate_offsets else None
         if self.therapy_offset is not None:
             nn.init.zeros_(self.therapy_offset.weight)
+        # (a, b) of the prior-activity head; zeros = no effect until fitted.
+        self.prior_activity = nn.Parameter(torch.zeros(2)) if config.prior_activity_head else None
+        self.n_flags = config.n_flags
 
     @property
     def null_therapy(self) -> int:
@@ -259,7 +262,7 @@ class Denoiser(nn.Module):
         h = (horizon_weeks.float() - lo) / (hi - lo) * 1000.0
         emb = self.time_mlp(sinusoidal(t, self.embed_dim))
         emb = emb + self.horizon_mlp(sinusoidal(h, self.embed_dim)) + self.therapy(therapy)
-        emb = emb + self.flag_proj(encoded.flags)
+        emb = emb + self.flag_proj(encoded.flags[:, : self.flag_proj.in_features])
         if self.global_proj is not None and encoded.global_vector is not None:
             emb = emb + self.global_proj(encoded.global_vector)
         return F.silu(emb)
@@ -289,7 +292,21 @@ class Denoiser(nn.Module):
                 horizon_weeks.float().clamp_min(1.0) / REFERENCE_HORIZON_WEEKS
             )
             logit = logit + offset.view(-1, 1, 1, 1, 1).to(logit.dtype)
+        if self.prior_activity is not None:
+            logit = logit + self.prior_activity_shift(encoded.flags).view(-1, 1, 1, 1, 1).to(
+                logit.dtype
+            )
         return logit
+
+    def prior_activity_shift(self, flags: torch.Tensor) -> torch.Tensor:
+        """(1 or B,) logit shift of the prior-activity head; 0 for studies without a prior
+        visit (their availability flag is 0)."""
+        if self.prior_activity is None or flags.shape[1] <= self.n_flags:
+            return torch.zeros(flags.shape[0], device=flags.device)
+        has_prior = flags[:, self.n_flags - 2].float()
+        feature = flags[:, self.n_flags].float()
+        a, b = self.prior_activity[0], self.prior_activity[1]
+        return has_prior * (a + b * feature)
 
     def evidence(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What ``x_t`` alone says about each voxel: for independent ±1 voxels the exact
