@@ -152,14 +152,31 @@ def ship_model(
     horizon = None
     if run_dir is not None:
         data_row, training_row, horizon = _run_rows(run_dir, target)
+        if "derived_from" in extra:  # the run trained the base; say what was derived from it
+            base = extra["derived_from"]
+            _, derived, _, section = _derived_rows(extra)
+            training_row = (
+                f"{training_row} (the base weights {base['version']}); then "
+                + derived.replace("its card describes the training run", "this run")
+            )
     elif "derived_from" in extra:
         data_row, training_row, horizon, section = _derived_rows(extra)
-        if "prior_head" in extra:
-            section += _prior_head_section(extra)
     else:
         raise ConfigurationError(
             f"{weights} has no training run given and was not derived from a registered model"
         )
+    if "prior_head" in extra:
+        section += _prior_head_section(extra)
+    prior_inputs = (
+        "prior visit (lesion mask, FLAIR, interval; optional) as temporal context"
+        + (
+            ", and the new and enlarging lesions since it (prior-activity head)"
+            if "prior_head" in extra
+            else ""
+        )
+        if "prior visit" in data_row
+        else "prior-visit channels exist but the training cohort had no prior visit"
+    )
     report = json.loads((report_dir / "report.json").read_text())
     methods = report["methods"]
     rows = summary_table(methods)
@@ -216,7 +233,7 @@ used for clinical decisions.
 | task | forecast of the new and enlarging T2 (NET2) lesion mask at a future time point, per therapy |
 | method | {method} |
 | grid | ICBM152 2009c symmetric template, {cfg.spacing_mm:g} mm, crop {list(cfg.crop_shape)} (k, j, i) |
-| inputs | FLAIR (required), T1, T2, PD (optional, with availability flags), current T2 lesion mask; prior-visit channels exist but the training cohort had no prior visit |
+| inputs | FLAIR (required), T1, T2, PD (optional, with availability flags), current T2 lesion mask; {prior_inputs} |
 | conditions | therapy (learned embedding + null token for guidance): {therapies}; horizon in weeks (trained range {cfg.horizon_range_weeks[0]:g}–{cfg.horizon_range_weeks[1]:g}{trained_horizon}) |
 | training data | {data_row} |
 | training | {training_row} |
