@@ -225,6 +225,15 @@ def test_production_sampler_is_the_one_the_model_was_evaluated_with(tmp_path: Pa
     site = model_sampler(entry, samples=16, seed=0, steps=12, method="dpmpp2m")
     assert (site.method, site.steps, site.samples, site.min_lesion_voxels) == ("dpmpp2m", 12, 16, 2)
     assert model_sampler(None, samples=8, seed=0) == SamplerConfig(samples=8, seed=0)
+    # No site number: the evaluated one (99 here); a model that records none gets 8.
+    assert model_sampler(entry, samples=None, seed=0).samples == 99
+    assert model_sampler(None, samples=None, seed=0).samples == 8
+    # Draws per pass belong to the ancestral sampler: a site's ODE solver drops them.
+    several = replace(entry, sampler={"method": "ancestral", "steps": 1, "draws_per_pass": 8})
+    assert model_sampler(several, samples=None, seed=0).draws_per_pass == 8
+    assert model_sampler(several, samples=None, seed=0, method="ddim").draws_per_pass == 1
+    with pytest.raises(ConfigurationError, match="draws_per_pass"):
+        SamplerConfig(method="ddim", draws_per_pass=2)
     bad = replace(entry, sampler={"method": "euler"})
     with pytest.raises(ConfigurationError):
         model_sampler(bad, samples=8, seed=0)

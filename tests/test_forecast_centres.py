@@ -268,3 +268,52 @@ def test_ancestral_sampling_is_seeded_and_couples_therapies_sample_by_sample() -
     # though the two rows fall into different network batches (chunk_size 4, 6 rows).
     twice, _ = sample_masks(model, study, ["placebo", "placebo"], 48.0, cfg)
     assert np.array_equal(twice[0], twice[1])
+
+
+def test_several_draws_per_pass_are_exact_draws_of_each_trajectory() -> None:
+    """``final_draws`` = k: k masks from each row's last-step probabilities. With k = 1 it is
+    the single-draw sampler bit for bit; the draws of a row are distinct masks whose frequency
+    is the network's probability; rows of equal seed share their draws."""
+    from ms_forecast_node.forecast.diffusion import ancestral_sample
+
+    schedule = Schedule(1000)
+    q = 0.05
+
+    def constant_logit(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, math.log(q / (1 - q)))
+
+    noise = torch.randn((3, 1, 16, 16, 16), generator=torch.Generator().manual_seed(0))
+
+    def gens(seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    one = ancestral_sample(constant_logit, schedule, noise, 2, gens([1, 2, 1]))
+    same = ancestral_sample(constant_logit, schedule, noise, 2, gens([1, 2, 1]), final_draws=1)
+    assert torch.equal(one, same)
+    many = ancestral_sample(constant_logit, schedule, noise, 2, gens([1, 2, 1]), final_draws=6)
+    assert many.shape == (18, 1, 16, 16, 16)
+    drawn = many > 0
+    assert not torch.equal(drawn[0], drawn[1])  # draws of one row differ
+    assert torch.equal(drawn[0:6], drawn[12:18])  # rows 0 and 2 share their seed
+    assert abs(drawn.float().mean().item() / q - 1.0) < 0.1
+    with pytest.raises(ValueError):
+        ancestral_sample(constant_logit, schedule, noise, 1, None, final_draws=0)
+
+
+def test_sample_masks_with_draws_per_pass_fills_every_sample_and_keeps_the_coupling() -> None:
+    """10 samples at 4 draws per pass: 3 network passes per therapy, every sample filled, the
+    same therapy twice gives the same samples, and the mean count tracks the 1-draw sampler's
+    (both estimate the same expected count)."""
+    model = _model(base_logit=-2.0)  # about 14 lesions per sample: none is empty
+    study = _study()
+    cfg = SamplerConfig(method="ancestral", steps=1, samples=10, seed=3, draws_per_pass=4)
+    masks, _ = sample_masks(model, study, ["placebo", "placebo", "ocrelizumab"], 48.0, cfg)
+    assert masks.shape == (3, 10, *CENTRES.crop_shape)
+    assert all(masks[0, s].any() for s in range(10))
+    assert np.array_equal(masks[0], masks[1])
+    assert len({masks[0, s].tobytes() for s in range(10)}) == 10
+    single = replace(cfg, samples=40, draws_per_pass=1)
+    several = replace(cfg, samples=40, draws_per_pass=8)
+    a = forecast_study(model, study, ["placebo"], 48.0, single).therapies["placebo"]
+    b = forecast_study(model, study, ["placebo"], 48.0, several).therapies["placebo"]
+    assert abs(a.expected_count - b.expected_count) < 0.15 * a.expected_count

@@ -18,7 +18,15 @@ from ms_forecast_node.forecast.ceilings import (
     evidence_with_prior,
     visible_information_forecast,
 )
-from ms_forecast_node.forecast.config import SEQUENCES, ModelConfig, TrainConfig
+from ms_forecast_node.forecast.config import (
+    INTERVAL_FLAG,
+    LESION_CHANNEL,
+    PRIOR_ACTIVITY_FLAG,
+    PRIOR_CHANNELS,
+    PRIOR_FLAG,
+    ModelConfig,
+    TrainConfig,
+)
 from ms_forecast_node.forecast.data import (
     hide_prior,
     interval_lesion_count,
@@ -30,7 +38,7 @@ from ms_forecast_node.forecast.prior_head import fit_head
 from ms_forecast_node.simulate.activity import ActivityParameters, PatientActivity, rank_auc
 from ms_forecast_node.simulate.cohort import load_nifti
 from ms_forecast_node.simulate.config import SimulationConfig
-from ms_forecast_node.simulate.lesions import Lesion, LesionAge
+from ms_forecast_node.simulate.lesions import LesionAge
 from ms_forecast_node.simulate.patient import (
     EventKind,
     _interval_events,
@@ -40,18 +48,13 @@ from ms_forecast_node.simulate.patient import (
 from ms_forecast_node.simulate.therapies import load_therapies
 from tests.forecast_cases import CENTRES
 
-PRIOR_MASK = len(SEQUENCES) + 1  # channels: sequences, lesion mask, prior mask, prior FLAIR
-PRIOR_FLAG = len(SEQUENCES)  # flags: sequences, prior availability, interval / 48
-
-
-def _lesions(design_lesions: tuple[Lesion, ...]) -> list[Lesion]:
-    return list(design_lesions)
+PRIOR_MASK = PRIOR_CHANNELS.start  # the prior lesion mask; the prior FLAIR follows it
 
 
 def test_interval_events_are_poisson_in_the_full_placebo_rate() -> None:
     """Mean and variance of the interval count equal rate × weeks / 48 (hidden part included:
     the rate passed in is the patient's whole placebo rate)."""
-    lesions = _lesions(design_patient(5, 0).baseline_lesions)
+    lesions = list(design_patient(5, 0).baseline_lesions)
     config = SimulationConfig(prior_visit_weeks=24.0)
     activity = PatientActivity(0.0, 1.5, 1.0, 3.0, {})
     rng = np.random.default_rng(0)
@@ -61,7 +64,7 @@ def test_interval_events_are_poisson_in_the_full_placebo_rate() -> None:
 
 
 def test_interval_new_lesions_are_the_young_ones_first_and_never_black_holes() -> None:
-    lesions = _lesions(design_patient(5, 0).baseline_lesions)
+    lesions = list(design_patient(5, 0).baseline_lesions)
     young = {les.lesion_id for les in lesions if les.age is LesionAge.YOUNG}
     black = {les.lesion_id for les in lesions if les.black_hole}
     config = SimulationConfig()
@@ -118,9 +121,9 @@ def test_cohort_prior_visit_reaches_the_model_inputs(small_cohort: Path) -> None
         labels, _ = load_nifti(example.patient.folder / "prior" / "lesions.nii.gz")
         assert labels.max() > 0
         assert example.study.flags[PRIOR_FLAG] == 1.0
-        assert example.study.flags[PRIOR_FLAG + 1] == pytest.approx(1.0)
+        assert example.study.flags[INTERVAL_FLAG] == pytest.approx(1.0)
         prior_mask = example.study.images[PRIOR_MASK]
-        current = example.study.images[len(SEQUENCES)]
+        current = example.study.images[LESION_CHANNEL]
         # Lesions only shrink going back to the prior visit, apart from the ones that shrink
         # between prior and baseline (none: shrinking is a follow-up event).
         assert prior_mask.sum() <= current.sum()
@@ -143,7 +146,7 @@ def test_prior_dropout_hides_the_whole_prior_visit(small_cohort: Path) -> None:
     batch = data.batch(range(len(examples)), always, rng, augment=True)
     assert float(batch["images"][:, PRIOR_MASK:].abs().max()) == 0.0
     assert float(batch["flags"][:, PRIOR_FLAG:].abs().max()) == 0.0
-    assert float(batch["images"][:, len(SEQUENCES)].sum()) > 0  # the current mask stays
+    assert float(batch["images"][:, LESION_CHANNEL].sum()) > 0  # the current mask stays
     never = replace(always, prior_dropout=0.0)
     batch = data.batch(range(len(examples)), never, rng, augment=True)
     assert float(batch["flags"][:, PRIOR_FLAG].min()) == 1.0
@@ -231,11 +234,10 @@ def test_prior_head_shifts_only_studies_with_a_prior_visit() -> None:
     torch.manual_seed(0)
     model = NET2Forecaster(config).eval()
     assert model.denoiser.prior_activity is not None
-    n = config.n_flags
     images = torch.randn(2, config.n_image_channels, *config.crop_shape)
-    flags = torch.ones(2, n + 1)
-    flags[1, n - 2] = 0.0  # the second study has no prior visit
-    flags[:, n] = 1.7  # its feature is ignored
+    flags = torch.ones(2, PRIOR_ACTIVITY_FLAG + 1)
+    flags[1, PRIOR_FLAG] = 0.0  # the second study has no prior visit
+    flags[:, PRIOR_ACTIVITY_FLAG] = 1.7  # its feature is ignored
     x_t = torch.randn(2, 1, *(s // 4 for s in config.crop_shape))  # the cell map
     t = torch.tensor([10, 10])
     therapy = torch.tensor([0, 0])

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -17,6 +17,8 @@ from ms_forecast_node.logging_setup import configure_logging
 
 if TYPE_CHECKING:
     from ms_forecast_node.config.settings import NodeConfig
+    from ms_forecast_node.forecast.data import Example
+    from ms_forecast_node.forecast.model import NET2Forecaster
     from ms_forecast_node.store.database import Database
 
 log = logging.getLogger("ms_forecast_node")
@@ -239,6 +241,21 @@ def average_checkpoints_cmd(
     typer.echo(f"averaged {len(checkpoints)} checkpoints into {out} (sha256 {digest})")
 
 
+def _load_base_and_cohort(
+    model: Path, cohort: Path, limit: int
+) -> tuple[NET2Forecaster, list[Example], dict[str, Any], str]:
+    """What the model-deriving commands start from: the model (on the best device), the first
+    ``limit`` examples of the cohort, the base weights' metadata record and their sha256."""
+    from ms_forecast_node.forecast.checkpoint import load_model, read_metadata, sha256_of
+    from ms_forecast_node.forecast.data import load_examples
+    from ms_forecast_node.forecast.device import pick_device
+
+    base = load_model(model, device=pick_device())
+    examples = load_examples(cohort, base.config, limit=limit)
+    base_extra: dict[str, Any] = json.loads(read_metadata(model).get("extra") or "{}")
+    return base, examples, base_extra, sha256_of(model)
+
+
 @app.command("anchor-effects")
 def anchor_effects_cmd(
     model: Annotated[Path, typer.Option(help="Lesion-centre model weights (.safetensors).")],
@@ -251,25 +268,16 @@ def anchor_effects_cmd(
     """Move each therapy's rate offset so the model's average effect against placebo equals its
     pivotal trial's rate ratio (therapies.yaml); the individual forecasts keep their spread."""
     from ms_forecast_node.forecast.anchoring import anchor_to_trials
-    from ms_forecast_node.forecast.checkpoint import (
-        load_model,
-        read_metadata,
-        save_model,
-        sha256_of,
-    )
-    from ms_forecast_node.forecast.data import load_examples
-    from ms_forecast_node.forecast.device import pick_device
+    from ms_forecast_node.forecast.checkpoint import save_model
     from ms_forecast_node.simulate.therapies import load_therapies
 
-    base = load_model(model, device=pick_device())
-    examples = load_examples(cohort, base.config, limit=limit)
+    base, examples, base_extra, base_sha256 = _load_base_and_cohort(model, cohort, limit)
     anchored, result = anchor_to_trials(base, examples, load_therapies(), version, samples)
     out.mkdir(parents=True, exist_ok=True)
-    base_extra = json.loads(read_metadata(model).get("extra") or "{}")
     derived = {
         "file": model.name,
         "version": base.config.version,
-        "sha256": sha256_of(model),
+        "sha256": base_sha256,
         "extra": base_extra,
     }
     record = {"derived_from": derived, "anchoring_cohort": str(cohort), **result.as_dict()}
@@ -297,27 +305,18 @@ def fit_prior_head_cmd(
 ) -> None:
     """Fit the prior-activity head (past NET2 rate from the prior visit -> log-rate shift) by
     maximum likelihood on the factual outcomes of a training cohort."""
-    from ms_forecast_node.forecast.checkpoint import (
-        load_model,
-        read_metadata,
-        save_model,
-        sha256_of,
-    )
-    from ms_forecast_node.forecast.data import load_examples
-    from ms_forecast_node.forecast.device import pick_device
+    from ms_forecast_node.forecast.checkpoint import save_model
     from ms_forecast_node.forecast.prior_head import fit_prior_head
 
-    base = load_model(model, device=pick_device())
-    examples = load_examples(cohort, base.config, limit=limit)
+    base, examples, base_extra, base_sha256 = _load_base_and_cohort(model, cohort, limit)
     fitted, fit = fit_prior_head(base, examples, version, samples)
     out.mkdir(parents=True, exist_ok=True)
-    base_extra = json.loads(read_metadata(model).get("extra") or "{}")
     record = {
         **base_extra,  # an anchored base keeps its derivation (card: base weights, shifts)
         "prior_head_base": {
             "file": model.name,
             "version": base.config.version,
-            "sha256": sha256_of(model),
+            "sha256": base_sha256,
         },
         "prior_head_cohort": str(cohort),
         "prior_head": fit.as_dict(),
@@ -392,7 +391,10 @@ def evaluate_cmd(
     ] = None,
     config: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="YAML whose sampler section sets steps/samples/guidance."),
+        typer.Option(
+            help="YAML whose sampler section sets steps/samples/guidance (default: a "
+            "registered model's own sampler, from models.json)."
+        ),
     ] = None,
     samples: Annotated[Optional[int], typer.Option(help="Samples per therapy.")] = None,  # noqa: UP045
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps.")] = None,  # noqa: UP045
@@ -418,14 +420,21 @@ def evaluate_cmd(
 
     from ms_forecast_node.forecast.config import load_configs
     from ms_forecast_node.forecast.evaluate import evaluate
+    from ms_forecast_node.forecast.registry import model_sampler, registered_models
 
-    _, _, sampler = load_configs(config)
-    if samples is not None:
-        sampler = replace(sampler, samples=samples)
-    if steps is not None:
-        sampler = replace(sampler, steps=steps)
-    if method is not None:
-        sampler = replace(sampler, method=method)
+    # Without a config file a registered model is scored as the node runs it (its models.json
+    # sampler); any other weights get the sampler defaults.
+    entry = next((m for m in registered_models() if m.file.resolve() == model.resolve()), None)
+    if config is None and entry is not None:
+        sampler = model_sampler(entry, samples, seed=0, steps=steps, method=method)
+    else:
+        _, _, sampler = load_configs(config)
+        if samples is not None:
+            sampler = replace(sampler, samples=samples)
+        if steps is not None:
+            sampler = replace(sampler, steps=steps)
+        if method is not None:
+            sampler = replace(sampler, method=method)
     evaluate(cohort, model, out, sampler, baseline, train_cohort, limit, device, without_prior)
     typer.echo((out / "report.md").read_text())
 
@@ -439,7 +448,10 @@ def forecast_cmd(
         typer.Option(help="Comma-separated therapy codes (default: every therapy of the model)."),
     ] = None,
     horizon_weeks: Annotated[float, typer.Option(help="Forecast horizon in weeks.")] = 48.0,
-    samples: Annotated[int, typer.Option(help="Diffusion samples per therapy.")] = 8,
+    samples: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Diffusion samples per therapy (default: the model's evaluated number)."),
+    ] = None,
     steps: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="Sampler steps (default: those the model was evaluated with)."),

@@ -112,7 +112,8 @@ class LimitsConfig(_Strict):
 class ProcessingConfig(_Strict):
     therapies: tuple[str, ...] | None = None  # None: every therapy of the model
     horizon_weeks: float = Field(48.0, gt=0.0, le=260.0)
-    samples: int = Field(8, ge=1, le=256)
+    # None: the number the shipped model was evaluated with (its models.json entry)
+    samples: int | None = Field(None, ge=1, le=512)
     # None: the steps the shipped model was evaluated with (its models.json entry)
     steps: int | None = Field(None, ge=1, le=1000)
     seed: int = 0

@@ -14,7 +14,13 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from ms_forecast_node.forecast.config import SEQUENCES, ModelConfig, TrainConfig
+from ms_forecast_node.forecast.config import (
+    PRIOR_CHANNELS,
+    PRIOR_FLAGS,
+    SEQUENCES,
+    ModelConfig,
+    TrainConfig,
+)
 from ms_forecast_node.forecast.data import Example, brain_mask, lesion_centres
 from ms_forecast_node.forecast.model import LesionDecoder
 
@@ -89,9 +95,8 @@ class ExampleBank:
             flags[:, : len(SEQUENCES)] *= keep_t
             if train.prior_dropout > 0:  # drawn only when on: older seeded runs stay identical
                 drop = torch.from_numpy(rng.random(n) < train.prior_dropout).to(self.device)
-                prior = len(SEQUENCES) + 1  # channels: sequences, lesion mask, prior mask, FLAIR
-                images[drop, prior:] = 0.0
-                flags[drop, len(SEQUENCES) :] = 0.0  # prior availability and interval
+                images[drop, PRIOR_CHANNELS] = 0.0
+                flags[drop, PRIOR_FLAGS] = 0.0
         target = self.target.index_select(0, didx)[:, None].float()
         brain = self.brain[None, None].expand(n, 1, *self.brain.shape)
         if augment and train.train_crop is not None:

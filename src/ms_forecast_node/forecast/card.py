@@ -14,6 +14,11 @@ from ms_forecast_node.forecast.registry import MODELS_DIR
 from ms_forecast_node.simulate.therapies import load_therapies
 
 
+def _draws_phrase(sampler: dict[str, Any]) -> str:
+    draws = int(sampler.get("draws_per_pass", 1))
+    return f" ({draws} drawn per network pass)" if draws > 1 else ""
+
+
 def _prior_phrase(cohort_header: dict[str, Any]) -> str:
     """How the cohort's patients carry a prior visit (empty for single-visit cohorts)."""
     weeks = float(cohort_header.get("config", {}).get("prior_visit_weeks", 0.0) or 0.0)
@@ -244,8 +249,8 @@ used for clinical decisions.
 
 `{report["cohort"]}` ({report["n_patients"]} simulated patients, a different seed); sampler
 {report["sampler"]["method"]} {report["sampler"]["steps"]} steps × {report["sampler"]["samples"]}
-samples; production uses the same method, steps, threshold and minimum lesion size by default
-(`models.json`). The image ceiling knows perfectly what the baseline images can reveal; the
+samples{_draws_phrase(report["sampler"])}; production uses the same method, steps, samples,
+threshold and minimum lesion size by default (`models.json`). The image ceiling knows perfectly what the baseline images can reveal; the
 oracle also knows each patient's hidden activity and therapy response.
 
 {chr(10).join(rows)}
@@ -283,9 +288,19 @@ the command in the project README.
                 "card": card_path.name,
                 "default": True,
                 "trained_on": "simulated data only",
+                # The settings the card's metrics hold for, samples included (the node uses
+                # them unless a site sets its own).
                 "sampler": {
                     k: report["sampler"][k]
-                    for k in ("method", "steps", "threshold", "min_lesion_voxels", "guidance_scale")
+                    for k in (
+                        "method",
+                        "steps",
+                        "samples",
+                        "draws_per_pass",
+                        "threshold",
+                        "min_lesion_voxels",
+                        "guidance_scale",
+                    )
                     if k in report["sampler"]
                 },
             },

@@ -12,6 +12,20 @@ from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.simulate.therapies import therapy_codes
 
 SEQUENCES = ("FLAIR", "T1", "T2", "PD")
+
+# The layout of a study's tensors, written by ``data.prepare_study`` and read by name
+# everywhere else.
+# Image channels: the sequences, the current lesion mask, then the prior visit's lesion mask
+# and FLAIR.
+LESION_CHANNEL = len(SEQUENCES)
+PRIOR_CHANNELS = slice(LESION_CHANNEL + 1, None)
+# Flags: each sequence's availability, then the prior visit's availability, its interval
+# (weeks / 48) and the prior-activity feature. The network reads the flags before the
+# feature (``ModelConfig.n_flags``); only the prior-activity head reads the feature.
+PRIOR_FLAG = len(SEQUENCES)
+INTERVAL_FLAG = PRIOR_FLAG + 1
+PRIOR_ACTIVITY_FLAG = INTERVAL_FLAG + 1
+PRIOR_FLAGS = slice(PRIOR_FLAG, None)
 SAMPLER_METHODS = ("dpmpp2m", "ddim", "ancestral", "ddpm")
 # What the diffusion generates: the NET2 voxel mask itself (0.1.x), or the map of NET2 lesion
 # centres on cells of 4×4×4 model-grid voxels, from which a deterministic decoder draws each
@@ -61,14 +75,12 @@ class ModelConfig:
     @property
     def n_image_channels(self) -> int:
         # four sequences, current lesion mask, prior-visit lesion mask and prior FLAIR
-        return len(SEQUENCES) + 3
+        return LESION_CHANNEL + 3
 
     @property
     def n_flags(self) -> int:
-        # availability of each sequence and of the prior visit, and the prior interval (the
-        # study's flag vector carries one more entry after these, the prior-activity feature,
-        # which only the prior-activity head reads)
-        return len(SEQUENCES) + 2
+        # the flags the network reads: every one before the prior-activity feature
+        return PRIOR_ACTIVITY_FLAG
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,13 @@ class SamplerConfig:
     min_lesion_voxels: int = 1
     chunk_size: int = 8  # samples per network call (bounds peak memory)
     seed: int = 0
+    # Ancestral sampler only: masks drawn from each trajectory's last-step probabilities. Each
+    # draw is an exact sample given its trajectory, so ``samples`` masks cost
+    # ``ceil(samples / draws_per_pass)`` network passes. At one step the trajectory is pure
+    # noise, which an x0-predicting network all but ignores, so the draws are nearly
+    # independent: more samples (less Monte Carlo noise in counts and probability of
+    # activity) for the same network time.
+    draws_per_pass: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in SAMPLER_METHODS:
@@ -130,6 +149,13 @@ class SamplerConfig:
             )
         if self.steps < 1 or self.samples < 1:
             raise ConfigurationError("sampler steps and samples must be at least 1")
+        if self.draws_per_pass < 1:
+            raise ConfigurationError("sampler draws_per_pass must be at least 1")
+        if self.draws_per_pass > 1 and self.method != "ancestral":
+            raise ConfigurationError(
+                "sampler draws_per_pass > 1 needs the ancestral sampler (the others end on a "
+                "deterministic mask, so every draw would be the same)"
+            )
 
 
 def _coerce(cls: type, raw: dict[str, Any], where: str) -> Any:

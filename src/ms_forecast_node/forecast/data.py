@@ -20,7 +20,13 @@ import numpy as np
 
 from ms_forecast_node.anatomy.template import load_template_anatomy, template_grid
 from ms_forecast_node.errors import CohortFormatError
-from ms_forecast_node.forecast.config import SEQUENCES, ModelConfig
+from ms_forecast_node.forecast.config import (
+    PRIOR_ACTIVITY_FLAG,
+    PRIOR_CHANNELS,
+    PRIOR_FLAGS,
+    SEQUENCES,
+    ModelConfig,
+)
 from ms_forecast_node.image.geometry import Grid
 from ms_forecast_node.simulate.cohort import CohortPatient, load_nifti, read_cohort
 from ms_forecast_node.simulate.protocols import MRSequence
@@ -136,6 +142,7 @@ def prepare_study(
         if prior_lesion_mask is not None
         else 0.0
     )
+    assert len(channels) == config.n_image_channels and len(flags) == PRIOR_ACTIVITY_FLAG + 1
     return StudyTensors(np.stack(channels), np.asarray(flags, np.float32), grid)
 
 
@@ -262,8 +269,8 @@ def hide_prior(example: Example) -> Example:
     """The example as a first visit: prior-visit channels and flags zeroed (copies)."""
     images = example.study.images.copy()
     flags = example.study.flags.copy()
-    images[len(SEQUENCES) + 1 :] = 0.0  # sequences, lesion mask | prior mask, prior FLAIR
-    flags[len(SEQUENCES) :] = 0.0  # sequence availability | prior availability, interval
+    images[PRIOR_CHANNELS] = 0.0
+    flags[PRIOR_FLAGS] = 0.0
     return replace(example, study=StudyTensors(images, flags, example.study.grid))
 
 

@@ -177,6 +177,7 @@ def ancestral_sample(
     noise: torch.Tensor,
     steps: int,
     generators: Sequence[torch.Generator] | None = None,
+    final_draws: int = 1,
 ) -> torch.Tensor:
     """Ancestral sampling on a strided schedule that draws the clean mask at every step.
 
@@ -191,7 +192,13 @@ def ancestral_sample(
     ``generators`` (one per batch row, on the CPU) make the draws reproducible per row; rows
     given identically seeded generators share every random number (common random numbers
     across therapies).
+
+    ``final_draws`` = k draws k masks from each row's last-step probabilities; the result has
+    ``k`` rows per input row, row ``i``'s draws at ``i·k … i·k + k − 1``. Each is an exact draw
+    given its trajectory, so k draws cost one network pass instead of k.
     """
+    if final_draws < 1:
+        raise ValueError("final_draws must be at least 1")
 
     def draw(kind: str) -> torch.Tensor:
         if generators is None:
@@ -200,6 +207,13 @@ def ancestral_sample(
         rows = [fn(tuple(x.shape[1:]), generator=g) for g in generators]
         return torch.stack(rows).to(x.device)
 
+    def final(p: torch.Tensor) -> torch.Tensor:
+        # Draw d of every row comes from that row's generator in turn, so with k = 1 this is
+        # exactly the single draw, and rows of equal seed still share their draws.
+        draws = torch.stack([draw("u") for _ in range(final_draws)], dim=1)
+        x0 = (draws < p[:, None]).float() * 2.0 - 1.0
+        return x0.reshape(-1, *p.shape[1:])
+
     x = noise
     seq = ddim_timesteps(schedule.timesteps, steps)
     ab = schedule.alphas_cumprod
@@ -207,9 +221,9 @@ def ancestral_sample(
     for n, t_now in enumerate(seq):
         t = torch.full((x.shape[0],), t_now, dtype=torch.long, device=x.device)
         p = torch.sigmoid(logit_fn(x, t).float())
-        x0 = (draw("u") < p).float() * 2.0 - 1.0
         if n + 1 == len(seq):
-            break
+            return final(p)
+        x0 = (draw("u") < p).float() * 2.0 - 1.0
         coef_x0, coef_xt, var = posterior(float(ab[t_now]), float(ab[seq[n + 1]]))
         x = coef_x0 * x0 + coef_xt * x + math.sqrt(var) * draw("z")
     return x0

@@ -51,7 +51,7 @@ from ms_forecast_node.forecast.ceilings import (
     visible_information_forecast,
 )
 from ms_forecast_node.forecast.checkpoint import load_model, sha256_of
-from ms_forecast_node.forecast.config import SEQUENCES, SamplerConfig
+from ms_forecast_node.forecast.config import PRIOR_FLAG, SamplerConfig
 from ms_forecast_node.forecast.data import Example, hide_prior, load_examples
 from ms_forecast_node.forecast.device import autocast, pick_device
 from ms_forecast_node.forecast.model import NET2Forecaster
@@ -86,7 +86,7 @@ def _interval_evidence(example: Example) -> tuple[int, float] | None:
     enlarging lesions since the prior visit and the interval in weeks (None without a prior
     visit, or when the example is shown to the model without it)."""
     truth = example.sidecar["truth"]
-    if "prior_interval_weeks" not in truth or example.study.flags[len(SEQUENCES)] < 0.5:
+    if "prior_interval_weeks" not in truth or example.study.flags[PRIOR_FLAG] < 0.5:
         return None
     events = int(truth["prior_interval_new_count"]) + int(truth["prior_interval_enlarging_count"])
     return events, float(truth["prior_interval_weeks"])

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ms_forecast_node.forecast.config import ModelConfig
+from ms_forecast_node.forecast.config import PRIOR_ACTIVITY_FLAG, PRIOR_FLAG, ModelConfig
 from ms_forecast_node.forecast.diffusion import cosine_alphas_cumprod
 
 # Rates are per 48 weeks in the simulator and in the trials it follows.
@@ -301,10 +301,10 @@ class Denoiser(nn.Module):
     def prior_activity_shift(self, flags: torch.Tensor) -> torch.Tensor:
         """(1 or B,) logit shift of the prior-activity head; 0 for studies without a prior
         visit (their availability flag is 0)."""
-        if self.prior_activity is None or flags.shape[1] <= self.n_flags:
+        if self.prior_activity is None or flags.shape[1] <= PRIOR_ACTIVITY_FLAG:
             return torch.zeros(flags.shape[0], device=flags.device)
-        has_prior = flags[:, self.n_flags - 2].float()
-        feature = flags[:, self.n_flags].float()
+        has_prior = flags[:, PRIOR_FLAG].float()
+        feature = flags[:, PRIOR_ACTIVITY_FLAG].float()
         a, b = self.prior_activity[0], self.prior_activity[1]
         return has_prior * (a + b * feature)
 

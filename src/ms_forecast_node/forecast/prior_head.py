@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.anchoring import first_step_cell_probabilities
+from ms_forecast_node.forecast.config import PRIOR_ACTIVITY_FLAG, PRIOR_FLAG
 from ms_forecast_node.forecast.data import Example
 from ms_forecast_node.forecast.model import NET2Forecaster
 
@@ -95,9 +96,10 @@ def fit_prior_head(
         raise ConfigurationError(
             "the prior-activity head needs a lesion-centre model with rate offsets"
         )
-    n_flags = model.config.n_flags
     with_prior = [
-        e for e in examples if len(e.study.flags) > n_flags and e.study.flags[n_flags - 2]
+        e
+        for e in examples
+        if len(e.study.flags) > PRIOR_ACTIVITY_FLAG and e.study.flags[PRIOR_FLAG]
     ]
     if not with_prior:
         raise ConfigurationError("no study with a prior visit to fit the head on")
@@ -112,7 +114,7 @@ def fit_prior_head(
         p = first_step_cell_probabilities(model, e, [e.therapy], samples, seed)[0]
         p = np.clip(p, 1e-12, 1.0 - 1e-7)
         logits.append(np.log(p) - np.log1p(-p))
-        features.append(float(e.study.flags[n_flags]))
+        features.append(float(e.study.flags[PRIOR_ACTIVITY_FLAG]))
         counts.append(float(e.sidecar["truth"]["net2_count"][e.therapy]))
     cell_logits = np.stack(logits)
     f, y = np.asarray(features), np.asarray(counts)

@@ -16,6 +16,8 @@ from ms_forecast_node.forecast.model import NET2Forecaster
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 REGISTRY = MODELS_DIR / "models.json"
+# Samples per therapy for a model whose registry entry records none (those before 0.6.2).
+DEFAULT_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -61,21 +63,29 @@ def default_entry(registry: Path = REGISTRY) -> ModelEntry:
 
 def model_sampler(
     entry: ModelEntry | None,
-    samples: int,
+    samples: int | None,
     seed: int,
     steps: int | None = None,
     method: str | None = None,
 ) -> SamplerConfig:
     """The sampler for production: the model's evaluated settings (``entry.sampler``), with the
-    site's number of samples and seed, and ``steps`` / ``method`` only when a site sets them."""
+    site's seed, and ``samples`` / ``steps`` / ``method`` only when a site sets them (None:
+    the evaluated ones; a model that records no number of samples gets
+    :data:`DEFAULT_SAMPLES`)."""
     known = {f.name for f in fields(SamplerConfig)} - {"samples", "seed", "chunk_size"}
-    evaluated = {k: v for k, v in (entry.sampler if entry else {}).items() if k in known}
+    recorded = entry.sampler if entry else {}
+    evaluated = {k: v for k, v in recorded.items() if k in known}
+    if samples is None:
+        samples = int(recorded.get("samples", DEFAULT_SAMPLES))
     try:
         config = replace(SamplerConfig(**evaluated), samples=samples, seed=seed)
         if steps is not None:
             config = replace(config, steps=steps)
         if method is not None:
-            config = replace(config, method=method)
+            # Several draws per pass are an ancestral-sampler device; the others end on one
+            # deterministic mask per trajectory.
+            draws = config.draws_per_pass if method == "ancestral" else 1
+            config = replace(config, method=method, draws_per_pass=draws)
     except TypeError as exc:
         raise ConfigurationError(f"model sampler settings: {exc}") from exc
     return config

@@ -34,7 +34,7 @@ from ms_forecast_node.forecast.diffusion import (
     dpmpp2m_sample,
     guided,
 )
-from ms_forecast_node.forecast.model import EncodedStudy, NET2Forecaster
+from ms_forecast_node.forecast.model import EncodedStudy, LesionDecoder, NET2Forecaster
 from ms_forecast_node.forecast.result import ForecastLesion, ForecastResult, TherapyForecast
 
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)
@@ -89,10 +89,13 @@ def sample_masks(
     cell = decoder.CELL if decoder is not None else 1
     diffused_shape = tuple(n // cell for n in shape)
     n_t, n_s = len(therapies), config.samples
+    # Each network pass (one trajectory) yields ``k`` masks drawn from its last step.
+    k = config.draws_per_pass if config.method == "ancestral" else 1
+    n_pass = -(-n_s // k)
     generator = torch.Generator().manual_seed(config.seed)
-    # Common random numbers: sample s starts from the same noise under every therapy.
-    noise = torch.randn((n_s, 1, *diffused_shape), generator=generator)
-    pairs = [(t, s) for t in range(n_t) for s in range(n_s)]
+    # Common random numbers: pass s starts from the same noise under every therapy.
+    noise = torch.randn((n_pass, 1, *diffused_shape), generator=generator)
+    pairs = [(t, s) for t in range(n_t) for s in range(n_pass)]
     out = np.zeros((n_t, n_s, *shape), dtype=bool)
     schedule = Schedule(model.config.timesteps)
     start = time.perf_counter()
@@ -133,18 +136,18 @@ def sample_masks(
             if model.config.deterministic:
                 t_last = torch.full((len(chunk),), model.config.timesteps - 1, device=device)
                 logit = fn(torch.zeros_like(x_init), t_last)
-                masks = torch.sigmoid(logit) >= config.threshold
+                masks = (torch.sigmoid(logit) >= config.threshold).repeat_interleave(k, dim=0)
             elif config.method == "ddpm":
                 gen = torch.Generator(device=device).manual_seed(config.seed + first)
                 masks = ddpm_sample(fn, schedule, x_init, generator=gen) > 0
             elif config.method == "ancestral":
-                # Per-sample random streams, the same under every therapy (common random
+                # Per-pass random streams, the same under every therapy (common random
                 # numbers): a therapy that lowers every cell's probability keeps a subset of
                 # the lesions drawn under a weaker one, sample by sample.
                 streams = [
                     torch.Generator().manual_seed(config.seed * 1_000_003 + s) for _, s in chunk
                 ]
-                masks = ancestral_sample(fn, schedule, x_init, config.steps, streams) > 0
+                masks = ancestral_sample(fn, schedule, x_init, config.steps, streams, k) > 0
             elif config.method == "dpmpp2m":
                 masks = dpmpp2m_sample(fn, schedule, x_init, config.steps) > 0
             else:
@@ -152,17 +155,35 @@ def sample_masks(
             marginal = first_step[0]
             if decoder is not None:
                 assert encoded.appearance is not None
-                masks = decoder.masks(masks.float(), encoded.appearance.float())
+                masks = _decode(decoder, masks, encoded.appearance.float(), config.chunk_size)
                 # A centre's probability spread over its cell: the map then sums to the
                 # expected number of lesions (a density of lesion centres per voxel).
                 marginal = F.interpolate(marginal, scale_factor=cell, mode="nearest") / cell**3
-        for (t, s), m in zip(chunk, masks[:, 0].cpu().numpy(), strict=True):
-            out[t, s] = m
+        drawn = masks[:, 0].cpu().numpy()
+        for row, (t, s) in enumerate(chunk):
+            for d in range(k):
+                if s * k + d < n_s:
+                    out[t, s * k + d] = drawn[row * k + d]
         if marginal_out is not None:
             for (t, _), prob in zip(chunk, marginal[:, 0].cpu().numpy(), strict=True):
-                marginal_out[t] += prob / n_s
+                marginal_out[t] += prob / n_pass
     timings["sample_s"] = time.perf_counter() - start
     return out, timings
+
+
+def _decode(
+    decoder: LesionDecoder, centres: torch.Tensor, appearance: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Voxel masks of sampled centre maps, in chunks; a map without centres decodes to an
+    empty mask, so the decoder runs only on the others (most draws of a quiet patient)."""
+    masks = torch.zeros(
+        (centres.shape[0], 1, *appearance.shape[2:]), dtype=torch.bool, device=centres.device
+    )
+    busy = torch.nonzero(centres.flatten(1).any(dim=1)).flatten()
+    for first in range(0, len(busy), max(1, chunk_size)):
+        rows = busy[first : first + chunk_size]
+        masks[rows] = decoder.masks(centres[rows].float(), appearance)
+    return masks
 
 
 def _components(mask: np.ndarray, min_voxels: int) -> tuple[np.ndarray, int]:
@@ -192,7 +213,10 @@ def aggregate(
     volumes: list[float] = []
     by_location: dict[LocationClass, list[int]] = {c: [] for c in LocationClass}
     for sample in samples:
-        labels, n = _components(sample, config.min_lesion_voxels)
+        if not sample.any():  # most draws of a quiet patient: nothing to label
+            labels, n = sample, 0
+        else:
+            labels, n = _components(sample, config.min_lesion_voxels)
         counts.append(n)
         volumes.append(float(np.count_nonzero(labels)) * voxel)
         classes = classify_lesions(labels, maps) if n else {}

@@ -42,7 +42,7 @@ class PipelineSettings:
     horizon_weeks: float = 48.0
     # None: the model's evaluated sampler (models.json) with ``samples`` and ``seed``.
     sampler: SamplerConfig | None = None
-    samples: int = 8
+    samples: int | None = None  # None: the model's evaluated number of samples
     seed: int = 0
     steps: int | None = None  # overrides the evaluated number of steps when set
     outputs: tuple[str, ...] | None = None  # None: the templates' `produce` list
