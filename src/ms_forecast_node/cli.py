@@ -685,7 +685,7 @@ def demo(
         sent = send_study(files, node_port)
         typer.echo(
             f"{sent} instances acknowledged; waiting for the forecasts (quiet period, "
-            "registration, 7 therapies x 8 samples per visit) ..."
+            "registration, 7 therapies x 64 samples per visit) ..."
         )
         # Per study: SEG, SR and a key image per therapy, one comparison SR and one PDF.
         wait_for_results(receiver, expected_min=2 * (3 * 7 + 2), timeout_s=timeout_s)

@@ -132,7 +132,7 @@ class SamplerConfig:
     # 2 (16 mm³, the usual "at least 3 mm" rule) removes the single-voxel speckle of the 0.2.0
     # experiment; 1 is what the shipped 0.1.0 model was evaluated with.
     min_lesion_voxels: int = 1
-    chunk_size: int = 8  # samples per network call (bounds peak memory)
+    chunk_size: int = 8  # trajectories (network passes) per network call (bounds peak memory)
     seed: int = 0
     # Ancestral sampler only: masks drawn from each trajectory's last-step probabilities. Each
     # draw is an exact sample given its trajectory, so ``samples`` masks cost

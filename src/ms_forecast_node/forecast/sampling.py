@@ -70,6 +70,10 @@ def sample_masks(
 
     Centre models (``model.decoder``) diffuse the lesion-centre map on the cell grid and
     decode every sampled map into voxels; the returned masks are voxel masks either way.
+
+    With ``config.draws_per_pass`` = k (ancestral sampler) each network trajectory yields k
+    of the samples, drawn from its last step: ``ceil(samples / k)`` passes per therapy, and
+    ``chunk_size`` counts passes per network call.
     """
     device = device or next(model.parameters()).device
     index = {c: i for i, c in enumerate(model.config.therapies)}
