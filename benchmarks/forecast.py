@@ -35,7 +35,7 @@ from ms_forecast_node.forecast.checkpoint import load_model
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import load_examples
 from ms_forecast_node.forecast.device import autocast, pick_device, synchronize
-from ms_forecast_node.forecast.registry import default_entry, model_sampler, registered_models
+from ms_forecast_node.forecast.registry import default_entry, entry_for_weights, model_sampler
 from ms_forecast_node.forecast.sampling import _components, forecast_study, sample_masks
 
 SIX = [
@@ -51,8 +51,9 @@ SIX = [
 def evaluated_sampler(model_path: Path, method: str | None, steps: int | None) -> SamplerConfig:
     """The sampler the model was evaluated with (samples included) when it is a registered
     model, else the defaults; ``method`` / ``steps`` override either."""
-    entry = next((m for m in registered_models() if m.file.resolve() == model_path.resolve()), None)
-    return model_sampler(entry, samples=None, seed=0, steps=steps, method=method)
+    return model_sampler(
+        entry_for_weights(model_path), samples=None, seed=0, steps=steps, method=method
+    )
 
 
 def machine(device: torch.device) -> str:

@@ -23,7 +23,12 @@ from ms_forecast_node.forecast.diffusion import (
     dpmpp2m_sample,
 )
 from ms_forecast_node.forecast.model import NET2Forecaster, depth_to_space, space_to_depth
-from ms_forecast_node.forecast.registry import ModelEntry, model_sampler
+from ms_forecast_node.forecast.registry import (
+    ModelEntry,
+    default_entry,
+    entry_for_weights,
+    model_sampler,
+)
 from ms_forecast_node.forecast.sampling import forecast_study, sample_masks
 from tests.forecast_cases import TINY
 
@@ -234,6 +239,10 @@ def test_production_sampler_is_the_one_the_model_was_evaluated_with(tmp_path: Pa
     assert model_sampler(several, samples=None, seed=0, method="ddim").draws_per_pass == 1
     with pytest.raises(ConfigurationError, match="draws_per_pass"):
         SamplerConfig(method="ddim", draws_per_pass=2)
+    # The evaluate command finds a packaged model's entry (and so its sampler) by its file.
+    shipped = default_entry()
+    assert entry_for_weights(shipped.file) == shipped
+    assert entry_for_weights(tmp_path / "other.safetensors") is None
     bad = replace(entry, sampler={"method": "euler"})
     with pytest.raises(ConfigurationError):
         model_sampler(bad, samples=8, seed=0)

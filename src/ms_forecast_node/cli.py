@@ -420,11 +420,11 @@ def evaluate_cmd(
 
     from ms_forecast_node.forecast.config import load_configs
     from ms_forecast_node.forecast.evaluate import evaluate
-    from ms_forecast_node.forecast.registry import model_sampler, registered_models
+    from ms_forecast_node.forecast.registry import entry_for_weights, model_sampler
 
     # Without a config file a registered model is scored as the node runs it (its models.json
     # sampler); any other weights get the sampler defaults.
-    entry = next((m for m in registered_models() if m.file.resolve() == model.resolve()), None)
+    entry = entry_for_weights(model)
     if config is None and entry is not None:
         sampler = model_sampler(entry, samples, seed=0, steps=steps, method=method)
     else:

@@ -54,6 +54,12 @@ def registered_models(registry: Path = REGISTRY) -> list[ModelEntry]:
         raise ModelLoadError(f"model registry {registry} is malformed: {exc}") from exc
 
 
+def entry_for_weights(weights: Path, registry: Path = REGISTRY) -> ModelEntry | None:
+    """The registry entry of these weights when they are a packaged model's file, else None."""
+    target = weights.resolve()
+    return next((m for m in registered_models(registry) if m.file.resolve() == target), None)
+
+
 def default_entry(registry: Path = REGISTRY) -> ModelEntry:
     entries = [m for m in registered_models(registry) if m.default]
     if len(entries) != 1:
