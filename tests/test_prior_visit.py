@@ -34,7 +34,7 @@ from ms_forecast_node.forecast.data import (
     prior_activity_feature,
 )
 from ms_forecast_node.forecast.model import NET2Forecaster
-from ms_forecast_node.forecast.prior_head import fit_head
+from ms_forecast_node.forecast.prior_head import fit_head, fit_head_pseudocount
 from ms_forecast_node.simulate.activity import ActivityParameters, PatientActivity, rank_auc
 from ms_forecast_node.simulate.cohort import load_nifti
 from ms_forecast_node.simulate.config import SimulationConfig
@@ -227,6 +227,43 @@ def test_prior_head_fit_recovers_a_known_head() -> None:
     assert a == pytest.approx(true_a, abs=0.1)
     assert b == pytest.approx(true_b, abs=0.1)
     assert after > before
+
+
+def test_pseudocount_head_fit_recovers_a_known_head() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(-7.0, 1.0, (800, 400))
+    events = rng.integers(0, 12, 800).astype(float)  # a wide range identifies b and c apart
+    w48 = np.ones(800)
+    true_a, true_b, true_c = -0.8, 0.9, 2.0
+    shift = true_a + true_b * np.log((events + true_c) / w48)
+    lam = (1.0 / (1.0 + np.exp(-(logits + shift[:, None])))).sum(axis=1)
+    counts = rng.poisson(lam).astype(float)
+    a, b, c, before, after = fit_head_pseudocount(logits, events, w48, counts)
+    fitted = a + b * np.log((events + c) / w48)
+    # (a, b, c) trade off along a ridge; the shift they make is what must come back, and the
+    # fit must be at least as likely as the truth (a simplex started at b = 0 drifted to a
+    # huge c and a flat shift, 100 log-likelihood units below it).
+    assert np.abs(fitted - shift).max() < 0.25
+    truth = float(np.sum(counts * np.log(lam) - lam))
+    assert after >= truth - 0.5
+    assert after > before
+
+
+def test_pseudocount_head_reads_the_interval_count_back_from_the_feature() -> None:
+    config = replace(CENTRES, prior_activity_head=True, prior_activity_pseudocount=True)
+    model = NET2Forecaster(config).eval()
+    assert model.denoiser.prior_activity is not None
+    with torch.no_grad():
+        model.denoiser.prior_activity.copy_(torch.tensor([0.2, 0.7, float(np.log(1.5))]))
+    flags = torch.ones(3, PRIOR_ACTIVITY_FLAG + 1)
+    events = torch.tensor([0.0, 3.0, 0.0])
+    w48 = torch.tensor([1.0, 0.5, 1.0])
+    flags[:, INTERVAL_FLAG] = w48
+    flags[:, PRIOR_ACTIVITY_FLAG] = torch.log((events + 0.5) / w48)  # as prepare_study writes it
+    flags[2, PRIOR_FLAG] = 0.0  # no prior visit: no shift
+    expected = 0.2 + 0.7 * torch.log((events + 1.5) / w48)
+    expected[2] = 0.0
+    torch.testing.assert_close(model.denoiser.prior_activity_shift(flags), expected)
 
 
 def test_prior_head_shifts_only_studies_with_a_prior_visit() -> None:

@@ -302,6 +302,13 @@ def fit_prior_head_cmd(
     version: Annotated[str, typer.Option(help="Version of the model with the head.")],
     limit: Annotated[int, typer.Option(help="First N studies of the cohort.")] = 300,
     samples: Annotated[int, typer.Option(help="Starting-noise draws per study.")] = 2,
+    pseudocount: Annotated[
+        bool,
+        typer.Option(
+            "--pseudocount",
+            help="Fit the head's pseudo-count c of log((n + c) / weeks) too (default: 0.5).",
+        ),
+    ] = False,
 ) -> None:
     """Fit the prior-activity head (past NET2 rate from the prior visit -> log-rate shift) by
     maximum likelihood on the factual outcomes of a training cohort."""
@@ -309,7 +316,7 @@ def fit_prior_head_cmd(
     from ms_forecast_node.forecast.prior_head import fit_prior_head
 
     base, examples, base_extra, base_sha256 = _load_base_and_cohort(model, cohort, limit)
-    fitted, fit = fit_prior_head(base, examples, version, samples)
+    fitted, fit = fit_prior_head(base, examples, version, samples, pseudocount=pseudocount)
     out.mkdir(parents=True, exist_ok=True)
     record = {
         **base_extra,  # an anchored base keeps its derivation (card: base weights, shifts)
@@ -325,7 +332,8 @@ def fit_prior_head_cmd(
     (out / "prior_head.json").write_text(json.dumps(record, indent=2) + "\n")
     typer.echo(
         f"head on {fit.n_studies} studies: a = {fit.intercept:+.3f}, b = {fit.slope:+.3f} per "
-        f"log(interval rate); log-likelihood {fit.log_likelihood_before:.1f} -> "
+        f"log(interval rate), pseudo-count c = {fit.pseudocount:.3f}; "
+        f"log-likelihood {fit.log_likelihood_before:.1f} -> "
         f"{fit.log_likelihood_after:.1f}; mean count observed {fit.mean_count_observed:.3f}, "
         f"forecast {fit.mean_count_before:.3f} -> {fit.mean_count_after:.3f}"
     )

@@ -90,7 +90,8 @@ def _prior_head_section(extra: dict[str, Any]) -> str:
             "",
             f"On top of {base['version']} (`{base['file']}`, sha256 `{base['sha256'][:16]}…`): "
             "for a study with a prior visit, every lesion-centre logit is moved by "
-            f"`{fit['intercept']:+.3f} {fit['slope']:+.3f}·log((n + 0.5) / (weeks / 48))`, where "
+            f"`{fit['intercept']:+.3f} {fit['slope']:+.3f}·log((n + "
+            f"{fit.get('pseudocount', 0.5):.3g}) / (weeks / 48))`, where "
             "`n` counts the new and enlarging lesions between the prior and the current lesion "
             "mask. Fitted by maximum likelihood (Poisson, the network's forecast as offset) on "
             f"the factual NET2 counts of {fit['n_studies']} studies of "

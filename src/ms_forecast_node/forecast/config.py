@@ -60,6 +60,10 @@ class ModelConfig:
     # rate, so it acts on the log rate; ``a, b`` are fitted by maximum likelihood on a training
     # cohort (``ms-forecast-node fit-prior-head``).
     prior_activity_head: bool = False
+    # The head's pseudo-count: ``a + b·log((n + c) / (w/48))`` with ``c`` fitted too (stored as
+    # log c) instead of 0.5. A gamma–Poisson posterior of the rate has this shape; it shrinks
+    # patients without interval lesions less (benchmarks/prior_head_forms.py).
+    prior_activity_pseudocount: bool = False
 
     def __post_init__(self) -> None:
         if self.diffusion_target not in DIFFUSION_TARGETS:

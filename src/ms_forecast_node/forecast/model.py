@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ms_forecast_node.forecast.config import PRIOR_ACTIVITY_FLAG, PRIOR_FLAG, ModelConfig
+from ms_forecast_node.forecast.config import (
+    INTERVAL_FLAG,
+    PRIOR_ACTIVITY_FLAG,
+    PRIOR_FLAG,
+    ModelConfig,
+)
 from ms_forecast_node.forecast.diffusion import cosine_alphas_cumprod
 
 # Rates are per 48 weeks in the simulator and in the trials it follows.
@@ -243,8 +248,11 @@ class Denoiser(nn.Module):
         self.therapy_offset = nn.Embedding(self.n_therapies + 1, 1) if config.rate_offsets else None
         if self.therapy_offset is not None:
             nn.init.zeros_(self.therapy_offset.weight)
-        # (a, b) of the prior-activity head; zeros = no effect until fitted.
-        self.prior_activity = nn.Parameter(torch.zeros(2)) if config.prior_activity_head else None
+        # (a, b[, log c]) of the prior-activity head; zeros = no effect until fitted.
+        size = 3 if config.prior_activity_pseudocount else 2
+        self.prior_activity = (
+            nn.Parameter(torch.zeros(size)) if config.prior_activity_head else None
+        )
         self.n_flags = config.n_flags
 
     @property
@@ -306,6 +314,11 @@ class Denoiser(nn.Module):
         has_prior = flags[:, PRIOR_FLAG].float()
         feature = flags[:, PRIOR_ACTIVITY_FLAG].float()
         a, b = self.prior_activity[0], self.prior_activity[1]
+        if len(self.prior_activity) == 3:
+            # The feature is log((n + 0.5) / w48): n comes back exactly, then takes c instead.
+            w48 = flags[:, INTERVAL_FLAG].float().clamp_min(1e-3)
+            events = (feature.exp() * w48 - 0.5).clamp_min(0.0)
+            feature = torch.log((events + self.prior_activity[2].exp()) / w48)
         return has_prior * (a + b * feature)
 
     def evidence(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

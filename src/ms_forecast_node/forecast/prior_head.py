@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.anchoring import first_step_cell_probabilities
-from ms_forecast_node.forecast.config import PRIOR_ACTIVITY_FLAG, PRIOR_FLAG
+from ms_forecast_node.forecast.config import INTERVAL_FLAG, PRIOR_ACTIVITY_FLAG, PRIOR_FLAG
 from ms_forecast_node.forecast.data import Example
 from ms_forecast_node.forecast.model import NET2Forecaster
 
@@ -46,6 +46,7 @@ class PriorHeadFit:
     mean_count_observed: float
     mean_count_before: float
     mean_count_after: float
+    pseudocount: float = 0.5  # c of log((n + c) / (w / 48)); fitted with --pseudocount
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -83,15 +84,48 @@ def fit_head(
     return a_centred - b * centre, b, before, -float(result.fun)
 
 
+def fit_head_pseudocount(
+    logits: np.ndarray, events: np.ndarray, w48: np.ndarray, counts: np.ndarray
+) -> tuple[float, float, float, float, float]:
+    """Maximum-likelihood ``(a, b, c)`` of ``counts ~ Poisson(Σ sigmoid(logits + a +
+    b·log((events + c) / w48)))`` (``c`` > 0, fitted as log c), and the
+    log-likelihoods before (no head) and after."""
+    if len(counts) < 10:
+        raise ConfigurationError("fitting the prior-activity head needs at least 10 studies")
+
+    def shift(theta: np.ndarray) -> np.ndarray:
+        return np.asarray(theta[0] + theta[1] * np.log((events + np.exp(theta[2])) / w48))
+
+    def loss(theta: np.ndarray) -> float:
+        return -_log_likelihood(counts, _expected(logits, shift(theta)))
+
+    # a, b and c trade off along a flat ridge, and at b = 0 the likelihood does not depend on
+    # c at all, so a simplex started there can drift to a huge c. Profile c on a grid with the
+    # (a, b) fit first, then polish all three from the best point.
+    grid = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    profile = [(fit_head(logits, np.log((events + c) / w48), counts), c) for c in grid]
+    (a0, b0, _, _), c0 = max(profile, key=lambda item: item[0][3])
+    start = np.array([a0, b0, np.log(c0)])
+    options = {"xatol": 1e-6, "maxiter": 4000, "maxfev": 8000}
+    result = optimize.minimize(loss, start, method="Nelder-Mead", options=options)
+    if not result.success:
+        raise ConfigurationError(f"prior-activity head fit did not converge: {result.message}")
+    a, b, log_c = (float(v) for v in result.x)
+    before = _log_likelihood(counts, _expected(logits, np.zeros(len(counts))))
+    return a, b, float(np.exp(log_c)), before, -float(result.fun)
+
+
 def fit_prior_head(
     model: NET2Forecaster,
     examples: Sequence[Example],
     version: str,
     samples: int = 2,
     seed: int = 0,
+    pseudocount: bool = False,
 ) -> tuple[NET2Forecaster, PriorHeadFit]:
     """A copy of ``model`` (named ``version``) with the prior-activity head fitted on the
-    ``examples`` that have a prior visit (their factual therapy and realised NET2 count)."""
+    ``examples`` that have a prior visit (their factual therapy and realised NET2 count);
+    ``pseudocount`` fits the head's ``c`` as well (``ModelConfig.prior_activity_pseudocount``)."""
     if model.denoiser.therapy_offset is None or model.decoder is None:
         raise ConfigurationError(
             "the prior-activity head needs a lesion-centre model with rate offsets"
@@ -103,25 +137,42 @@ def fit_prior_head(
     ]
     if not with_prior:
         raise ConfigurationError("no study with a prior visit to fit the head on")
-    head = NET2Forecaster(replace(model.config, version=version, prior_activity_head=True))
+    head = NET2Forecaster(
+        replace(
+            model.config,
+            version=version,
+            prior_activity_head=True,
+            prior_activity_pseudocount=pseudocount,
+        )
+    )
     missing, unexpected = head.load_state_dict(model.state_dict(), strict=False)
     if unexpected or [k for k in missing if not k.endswith("prior_activity")]:
         raise ConfigurationError(f"unexpected weights: {unexpected} / {missing}")
     head.eval()
     head.to(next(model.parameters()).device)
-    logits, features, counts = [], [], []
+    logits, features, w48, counts = [], [], [], []
     for e in tqdm(with_prior, desc="prior head: first-step forecasts", unit="study"):
         p = first_step_cell_probabilities(model, e, [e.therapy], samples, seed)[0]
         p = np.clip(p, 1e-12, 1.0 - 1e-7)
         logits.append(np.log(p) - np.log1p(-p))
         features.append(float(e.study.flags[PRIOR_ACTIVITY_FLAG]))
+        w48.append(float(e.study.flags[INTERVAL_FLAG]))
         counts.append(float(e.sidecar["truth"]["net2_count"][e.therapy]))
     cell_logits = np.stack(logits)
-    f, y = np.asarray(features), np.asarray(counts)
-    a, b, before, after = fit_head(cell_logits, f, y)
+    f, w, y = np.asarray(features), np.asarray(w48), np.asarray(counts)
+    c = 0.5
+    if pseudocount:
+        # The feature is log((n + 0.5) / w48): the interval count comes back exactly.
+        events = np.maximum(np.round(np.exp(f) * w - 0.5), 0.0)
+        a, b, c, before, after = fit_head_pseudocount(cell_logits, events, w, y)
+        parameters = [a, b, float(np.log(c))]
+        f = np.log((events + c) / w)  # the feature the fitted head reads
+    else:
+        a, b, before, after = fit_head(cell_logits, f, y)
+        parameters = [a, b]
     assert head.denoiser.prior_activity is not None
     with torch.no_grad():
-        head.denoiser.prior_activity.copy_(torch.tensor([a, b]))
+        head.denoiser.prior_activity.copy_(torch.tensor(parameters))
     fit = PriorHeadFit(
         n_studies=len(with_prior),
         intercept=a,
@@ -132,8 +183,9 @@ def fit_prior_head(
         mean_count_observed=float(y.mean()),
         mean_count_before=float(_expected(cell_logits, np.zeros(len(y))).mean()),
         mean_count_after=float(_expected(cell_logits, a + b * f).mean()),
+        pseudocount=c,
     )
     return head, fit
 
 
-__all__ = ["PriorHeadFit", "fit_head", "fit_prior_head"]
+__all__ = ["PriorHeadFit", "fit_head", "fit_head_pseudocount", "fit_prior_head"]
