@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from scipy import optimize
 from tqdm import tqdm
 
 from ms_forecast_node.forecast.anchoring import first_step_cell_probabilities
 from ms_forecast_node.forecast.checkpoint import load_model
 from ms_forecast_node.forecast.config import INTERVAL_FLAG, PRIOR_ACTIVITY_FLAG, PRIOR_FLAG
 from ms_forecast_node.forecast.data import load_examples
-
-Shift = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+from ms_forecast_node.forecast.prior_head import fit_head, fit_head_pseudocount
 
 
 def probabilities(logits: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -42,20 +39,6 @@ def probabilities(logits: np.ndarray, shift: np.ndarray) -> np.ndarray:
 def log_likelihood(counts: np.ndarray, expected: np.ndarray) -> float:
     lam = np.clip(expected, 1e-12, None)
     return float(np.sum(counts * np.log(lam) - lam))
-
-
-def shift_shipped(theta: np.ndarray, n: np.ndarray, w48: np.ndarray) -> np.ndarray:
-    return theta[0] + theta[1] * np.log((n + 0.5) / w48)
-
-
-def shift_pseudocount(theta: np.ndarray, n: np.ndarray, w48: np.ndarray) -> np.ndarray:
-    return theta[0] + theta[1] * np.log((n + np.exp(theta[2])) / w48)
-
-
-FORMS: dict[str, tuple[Shift, np.ndarray]] = {
-    "shipped: a + b·log((n + 0.5)/w)": (shift_shipped, np.zeros(2)),
-    "pseudo-count: a + b·log((n + c)/w)": (shift_pseudocount, np.array([0.0, 0.0, np.log(0.5)])),
-}
 
 
 def main() -> None:
@@ -100,23 +83,19 @@ def main() -> None:
         "validation_without_interval_lesions": int(quiet.sum()),
         "no head (reference)": summary(np.zeros(len(y) - args.fit)),
     }
-    for name, (form, start) in FORMS.items():
-        result = optimize.minimize(
-            lambda th, form=form: (
-                -log_likelihood(
-                    y[fit], probabilities(cells[fit], form(th, events[fit], weeks[fit])).sum(axis=1)
-                )
-            ),
-            start,
-            method="Nelder-Mead",
-            options={"xatol": 1e-6, "maxiter": 4000},
-        )
-        theta = result.x
-        row = {
-            "parameters": [round(float(v), 3) for v in theta],
-            "fit_log_likelihood": round(-float(result.fun), 2),
+    # The package's own fits, so the probe scores exactly what fit-prior-head would ship.
+    a, b, _, shipped_ll = fit_head(cells[fit], np.log((events[fit] + 0.5) / weeks[fit]), y[fit])
+    pa, pb, pc, _, pseudo_ll = fit_head_pseudocount(cells[fit], events[fit], weeks[fit], y[fit])
+    fitted = {
+        "shipped: a + b·log((n + 0.5)/w)": ([a, b], shipped_ll, 0.5),
+        "pseudo-count: a + b·log((n + c)/w)": ([pa, pb, pc], pseudo_ll, pc),
+    }
+    for name, (parameters, fit_ll, c) in fitted.items():
+        row: dict[str, object] = {
+            "parameters": [round(float(v), 3) for v in parameters],
+            "fit_log_likelihood": round(fit_ll, 2),
         }
-        row.update(summary(form(theta, events[val], weeks[val])))
+        row.update(summary(parameters[0] + parameters[1] * np.log((events[val] + c) / weeks[val])))
         report[name] = row
     text = json.dumps(report, indent=2, ensure_ascii=False)
     print(text)
