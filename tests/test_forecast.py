@@ -248,6 +248,27 @@ def test_production_sampler_is_the_one_the_model_was_evaluated_with(tmp_path: Pa
         model_sampler(bad, samples=8, seed=0)
 
 
+def test_evaluate_scores_unregistered_weights_with_the_sampler_it_is_told(tmp_path: Path) -> None:
+    from ms_forecast_node.cli import evaluation_sampler
+
+    shipped = default_entry()
+    # A packaged model without options: exactly the node's sampler.
+    assert evaluation_sampler(shipped.file, None) == model_sampler(shipped, None, seed=0)
+    # Unregistered weights (a candidate under evaluation) can be scored as the shipped model
+    # runs, draws per pass included.
+    candidate = tmp_path / "candidate.safetensors"
+    like_shipped = evaluation_sampler(
+        candidate, None, samples=64, steps=1, method="ancestral", draws_per_pass=8
+    )
+    assert (like_shipped.method, like_shipped.steps, like_shipped.samples) == ("ancestral", 1, 64)
+    assert like_shipped.draws_per_pass == 8
+    # An ODE solver cannot take several draws per pass: a clear configuration error.
+    with pytest.raises(ConfigurationError, match="draws_per_pass"):
+        evaluation_sampler(candidate, None, method="ddim", draws_per_pass=8)
+    # Switching a multi-draw model to an ODE solver drops its draws, as the node does.
+    assert evaluation_sampler(shipped.file, None, method="ddim").draws_per_pass == 1
+
+
 @pytest.mark.slow
 def test_training_runs_resumes_and_writes_curves(small_cohort: Path, tmp_path: Path) -> None:
     from ms_forecast_node.forecast.train import train

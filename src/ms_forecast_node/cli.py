@@ -17,6 +17,7 @@ from ms_forecast_node.logging_setup import configure_logging
 
 if TYPE_CHECKING:
     from ms_forecast_node.config.settings import NodeConfig
+    from ms_forecast_node.forecast.config import SamplerConfig
     from ms_forecast_node.forecast.data import Example
     from ms_forecast_node.forecast.model import NET2Forecaster
     from ms_forecast_node.store.database import Database
@@ -384,6 +385,40 @@ def compare_reports_cmd(
     typer.echo(render_comparison(result))
 
 
+def evaluation_sampler(
+    model: Path,
+    config: Path | None,
+    samples: int | None = None,
+    steps: int | None = None,
+    method: str | None = None,
+    draws_per_pass: int | None = None,
+) -> SamplerConfig:
+    """The sampler ``evaluate`` scores ``model`` with: without a config file a registered model
+    is scored as the node runs it (its models.json sampler); other weights get the config's
+    (or the library's default) sampler. Options given on the command line override either."""
+    from dataclasses import replace
+
+    from ms_forecast_node.forecast.config import load_configs
+    from ms_forecast_node.forecast.registry import entry_for_weights, model_sampler
+
+    entry = entry_for_weights(model)
+    if config is None and entry is not None:
+        sampler = model_sampler(entry, samples, seed=0, steps=steps, method=method)
+    else:
+        _, _, sampler = load_configs(config)
+        if samples is not None:
+            sampler = replace(sampler, samples=samples)
+        if steps is not None:
+            sampler = replace(sampler, steps=steps)
+        if method is not None:
+            # Several draws per pass are an ancestral-sampler device (as in model_sampler).
+            draws = sampler.draws_per_pass if method == "ancestral" else 1
+            sampler = replace(sampler, method=method, draws_per_pass=draws)
+    if draws_per_pass is not None:
+        sampler = replace(sampler, draws_per_pass=draws_per_pass)
+    return sampler
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     cohort: Annotated[Path, typer.Option(help="Held-out cohort folder.")],
@@ -410,6 +445,13 @@ def evaluate_cmd(
         Optional[str],  # noqa: UP045
         typer.Option(help="Sampler: dpmpp2m, ddim, ancestral or ddpm (default: the config's)."),
     ] = None,
+    draws_per_pass: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="Masks drawn from each ancestral trajectory (default: the config's or the "
+            "registered model's); lets unregistered weights be scored as a shipped model runs."
+        ),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option(help="First N patients only.")] = None,  # noqa: UP045
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present, else CPU), cpu or cuda.")
@@ -424,25 +466,9 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate on a held-out cohort against base-rate, U-Net, image-ceiling and oracle
     references."""
-    from dataclasses import replace
-
-    from ms_forecast_node.forecast.config import load_configs
     from ms_forecast_node.forecast.evaluate import evaluate
-    from ms_forecast_node.forecast.registry import entry_for_weights, model_sampler
 
-    # Without a config file a registered model is scored as the node runs it (its models.json
-    # sampler); any other weights get the sampler defaults.
-    entry = entry_for_weights(model)
-    if config is None and entry is not None:
-        sampler = model_sampler(entry, samples, seed=0, steps=steps, method=method)
-    else:
-        _, _, sampler = load_configs(config)
-        if samples is not None:
-            sampler = replace(sampler, samples=samples)
-        if steps is not None:
-            sampler = replace(sampler, steps=steps)
-        if method is not None:
-            sampler = replace(sampler, method=method)
+    sampler = evaluation_sampler(model, config, samples, steps, method, draws_per_pass)
     evaluate(cohort, model, out, sampler, baseline, train_cohort, limit, device, without_prior)
     typer.echo((out / "report.md").read_text())
 
