@@ -183,6 +183,10 @@ def _problems(
         for r in result["failedRequests"]
         if r.get("status")  # net::ERR_ABORTED (page closed, prefetch cancelled) has none
     ]
+    for which, shot in (result.get("settled") or {}).items():
+        if not shot["settled"]:
+            # The diff of two moving pictures is not an overlay; say so rather than guess.
+            problems.append(f"{name}: the {which} screenshot never settled ({shot['shots']} shots)")
     before, after = result["geometry"], result["geometryAfter"]
     for key in ("canvasToWorld", "focalPoint", "canvasRect"):
         if before[key] != after[key]:

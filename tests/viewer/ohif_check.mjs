@@ -272,6 +272,28 @@ function frames() {
   return new Promise(resolve => requestAnimationFrame(() => requestAnimationFrame(() => resolve({ ok: true }))));
 }
 
+// A screenshot of a settled page: under CPU load a render (the reset view, the jump to the
+// focus slice, a late image decode) can land between the "shown" and "hidden" screenshots, and
+// the diff then reads the change of slice or camera as overlay pixels. So shoot until two
+// shots a moment apart are identical, and say whether they ever were.
+async function settledScreenshot(page, file, timeoutMs = 15_000) {
+  const deadline = Date.now() + timeoutMs;
+  await page.evaluate(frames);
+  let previous = await page.screenshot();
+  let shots = 1;
+  for (;;) {
+    await sleep(400);
+    await page.evaluate(frames);
+    const current = await page.screenshot();
+    shots += 1;
+    if (current.equals(previous) || Date.now() > deadline) {
+      writeFileSync(file, current);
+      return { settled: current.equals(previous), shots };
+    }
+    previous = current;
+  }
+}
+
 // ---- one target ---------------------------------------------------------------------------
 
 async function check(browser, target) {
@@ -334,12 +356,12 @@ async function check(browser, target) {
     result.geometry = await page.evaluate(viewportGeometry, { viewportId, point: target.worldPoint });
     const shownPath = path.join(job.outDir, `${target.name}-shown.png`);
     const hiddenPath = path.join(job.outDir, `${target.name}-hidden.png`);
-    await page.screenshot({ path: shownPath });
+    const shownShot = await settledScreenshot(page, shownPath);
     const segmentationIds = state.segmentations.map(s => s.segmentationId);
     await page.evaluate(setSegVisibility, { viewportId, segmentationIds, visible: false });
     await sleep(500);
-    await page.evaluate(frames);
-    await page.screenshot({ path: hiddenPath });
+    const hiddenShot = await settledScreenshot(page, hiddenPath);
+    result.settled = { shown: shownShot, hidden: hiddenShot };
     await page.evaluate(setSegVisibility, { viewportId, segmentationIds, visible: true });
     // The geometry must not have moved between the two screenshots (else the diff lies).
     result.geometryAfter = await page.evaluate(viewportGeometry, { viewportId, point: target.worldPoint });
