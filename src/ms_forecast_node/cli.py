@@ -310,14 +310,26 @@ def fit_prior_head_cmd(
             help="Fit the head's pseudo-count c of log((n + c) / weeks) too (default: 0.5).",
         ),
     ] = False,
+    dispersion: Annotated[
+        bool,
+        typer.Option(
+            "--dispersion",
+            help="Then fit the log-rate sd between samples (first visits and studies with a "
+            "prior visit) on the same studies.",
+        ),
+    ] = False,
 ) -> None:
     """Fit the prior-activity head (past NET2 rate from the prior visit -> log-rate shift) by
     maximum likelihood on the factual outcomes of a training cohort."""
     from ms_forecast_node.forecast.checkpoint import save_model
     from ms_forecast_node.forecast.prior_head import fit_prior_head
+    from ms_forecast_node.forecast.rate_dispersion import fit_dispersion
 
     base, examples, base_extra, base_sha256 = _load_base_and_cohort(model, cohort, limit)
     fitted, fit = fit_prior_head(base, examples, version, samples, pseudocount=pseudocount)
+    spread = None
+    if dispersion:
+        fitted, spread = fit_dispersion(fitted, examples, version, samples)
     out.mkdir(parents=True, exist_ok=True)
     record = {
         **base_extra,  # an anchored base keeps its derivation (card: base weights, shifts)
@@ -329,6 +341,8 @@ def fit_prior_head_cmd(
         "prior_head_cohort": str(cohort),
         "prior_head": fit.as_dict(),
     }
+    if spread is not None:
+        record["rate_dispersion"] = spread.as_dict()
     digest = save_model(fitted, out / "model.safetensors", record)
     (out / "prior_head.json").write_text(json.dumps(record, indent=2) + "\n")
     typer.echo(
@@ -338,6 +352,14 @@ def fit_prior_head_cmd(
         f"{fit.log_likelihood_after:.1f}; mean count observed {fit.mean_count_observed:.3f}, "
         f"forecast {fit.mean_count_before:.3f} -> {fit.mean_count_after:.3f}"
     )
+    if spread is not None:
+        typer.echo(
+            f"log-rate sd between samples: first visits {spread.sd_first_visit:.3f} "
+            f"(log-likelihood {spread.log_likelihood_first_before:.1f} -> "
+            f"{spread.log_likelihood_first_after:.1f}), with a prior visit "
+            f"{spread.sd_prior_visit:.3f} ({spread.log_likelihood_prior_before:.1f} -> "
+            f"{spread.log_likelihood_prior_after:.1f})"
+        )
     typer.echo(f"wrote {out / 'model.safetensors'} (sha256 {digest})")
 
 

@@ -64,6 +64,11 @@ class ModelConfig:
     # log c) instead of 0.5. A gamma–Poisson posterior of the rate has this shape; it shrinks
     # patients without interval lesions less (benchmarks/prior_head_forms.py).
     prior_activity_pseudocount: bool = False
+    # Rate dispersion (forecast/rate_dispersion.py): each sample's cell logits get their own
+    # log-rate shift ``s·ε − s²/2``, ε ~ N(0, 1), so the samples spread over the rates a patient
+    # who looks like this one may have; ``s`` (first visits, studies with a prior visit) is
+    # fitted by maximum likelihood (``fit-prior-head --dispersion``).
+    rate_dispersion: bool = False
 
     def __post_init__(self) -> None:
         if self.diffusion_target not in DIFFUSION_TARGETS:

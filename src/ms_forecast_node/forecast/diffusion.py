@@ -178,6 +178,7 @@ def ancestral_sample(
     steps: int,
     generators: Sequence[torch.Generator] | None = None,
     final_draws: int = 1,
+    shifts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling on a strided schedule that draws the clean mask at every step.
 
@@ -196,9 +197,15 @@ def ancestral_sample(
     ``final_draws`` = k draws k masks from each row's last-step probabilities; the result has
     ``k`` rows per input row, row ``i``'s draws at ``i·k … i·k + k − 1``. Each is an exact draw
     given its trajectory, so k draws cost one network pass instead of k.
+
+    ``shifts`` (rows, k), when given, are added to the logits: ``shifts[:, 0]`` along the
+    trajectory and ``shifts[:, d]`` for draw ``d`` of the last step (the per-sample log-rate
+    shifts of forecast/rate_dispersion.py).
     """
     if final_draws < 1:
         raise ValueError("final_draws must be at least 1")
+    if shifts is not None and tuple(shifts.shape) != (noise.shape[0], final_draws):
+        raise ValueError(f"shifts must have shape ({noise.shape[0]}, {final_draws})")
 
     def draw(kind: str) -> torch.Tensor:
         if generators is None:
@@ -207,12 +214,21 @@ def ancestral_sample(
         rows = [fn(tuple(x.shape[1:]), generator=g) for g in generators]
         return torch.stack(rows).to(x.device)
 
-    def final(p: torch.Tensor) -> torch.Tensor:
+    def along(shift: torch.Tensor) -> torch.Tensor:
+        return shift.to(x.device, torch.float32).view(-1, *([1] * (x.dim() - 1)))
+
+    def final(logit: torch.Tensor) -> torch.Tensor:
         # Draw d of every row comes from that row's generator in turn, so with k = 1 this is
         # exactly the single draw, and rows of equal seed still share their draws.
         draws = torch.stack([draw("u") for _ in range(final_draws)], dim=1)
-        x0 = (draws < p[:, None]).float() * 2.0 - 1.0
-        return x0.reshape(-1, *p.shape[1:])
+        if shifts is None:
+            p = torch.sigmoid(logit)[:, None]
+        else:
+            p = torch.stack(
+                [torch.sigmoid(logit + along(shifts[:, d])) for d in range(final_draws)], dim=1
+            )
+        x0 = (draws < p).float() * 2.0 - 1.0
+        return x0.reshape(-1, *logit.shape[1:])
 
     x = noise
     seq = ddim_timesteps(schedule.timesteps, steps)
@@ -220,9 +236,12 @@ def ancestral_sample(
     x0 = torch.zeros_like(noise)
     for n, t_now in enumerate(seq):
         t = torch.full((x.shape[0],), t_now, dtype=torch.long, device=x.device)
-        p = torch.sigmoid(logit_fn(x, t).float())
+        logit = logit_fn(x, t).float()
         if n + 1 == len(seq):
-            return final(p)
+            return final(logit)
+        if shifts is not None:
+            logit = logit + along(shifts[:, 0])
+        p = torch.sigmoid(logit)
         x0 = (draw("u") < p).float() * 2.0 - 1.0
         coef_x0, coef_xt, var = posterior(float(ab[t_now]), float(ab[seq[n + 1]]))
         x = coef_x0 * x0 + coef_xt * x + math.sqrt(var) * draw("z")

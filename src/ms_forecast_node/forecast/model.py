@@ -253,6 +253,8 @@ class Denoiser(nn.Module):
         self.prior_activity = (
             nn.Parameter(torch.zeros(size)) if config.prior_activity_head else None
         )
+        # Log-rate sd of the samples (first visit, with a prior visit); zeros = none.
+        self.rate_sd = nn.Parameter(torch.zeros(2)) if config.rate_dispersion else None
         self.n_flags = config.n_flags
 
     @property
@@ -320,6 +322,14 @@ class Denoiser(nn.Module):
             events = (feature.exp() * w48 - 0.5).clamp_min(0.0)
             feature = torch.log((events + self.prior_activity[2].exp()) / w48)
         return has_prior * (a + b * feature)
+
+    def sample_rate_sd(self, flags: torch.Tensor) -> float:
+        """The log-rate sd between samples of the study with ``flags`` (1, n_flags): the
+        dispersion fitted for studies with a prior visit or for first visits; 0 without."""
+        if self.rate_sd is None:
+            return 0.0
+        has_prior = flags.shape[1] > PRIOR_FLAG and bool(flags[0, PRIOR_FLAG] > 0.5)
+        return float(self.rate_sd.detach()[1 if has_prior else 0].clamp_min(0.0))
 
     def evidence(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What ``x_t`` alone says about each voxel: for independent ±1 voxels the exact

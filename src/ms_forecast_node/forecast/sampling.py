@@ -99,6 +99,16 @@ def sample_masks(
     generator = torch.Generator().manual_seed(config.seed)
     # Common random numbers: pass s starts from the same noise under every therapy.
     noise = torch.randn((n_pass, 1, *diffused_shape), generator=generator)
+    # Rate dispersion: sample d of pass s gets the log-rate shift s·ε − s²/2 with its own ε,
+    # the same under every therapy (common random numbers, from a stream of its own so the
+    # noise and the draws are those of a model without dispersion).
+    rate_sd = model.denoiser.sample_rate_sd(flags)
+    shifts: torch.Tensor | None = None
+    if rate_sd > 0.0 and not model.config.deterministic:
+        epsilon = torch.randn(
+            (n_pass, k), generator=torch.Generator().manual_seed(config.seed + 7919)
+        )
+        shifts = rate_sd * epsilon - 0.5 * rate_sd * rate_sd
     pairs = [(t, s) for t in range(n_t) for s in range(n_pass)]
     out = np.zeros((n_t, n_s, *shape), dtype=bool)
     schedule = Schedule(model.config.timesteps)
@@ -136,6 +146,13 @@ def sample_masks(
                 first_step.append(torch.sigmoid(logit.float()))
             return logit
 
+        chunk_shifts = None if shifts is None else shifts[[s for _, s in chunk]]
+        trajectory_fn: LogitFn = fn
+        if chunk_shifts is not None and config.method != "ancestral":
+            # One shift per trajectory for the solvers (they end on one mask per pass); outside
+            # ``fn``, so the recorded first-step marginal stays the unshifted mean.
+            trajectory_fn = _shifted(fn, chunk_shifts[:, 0])
+
         with torch.no_grad():
             if model.config.deterministic:
                 t_last = torch.full((len(chunk),), model.config.timesteps - 1, device=device)
@@ -143,7 +160,7 @@ def sample_masks(
                 masks = (torch.sigmoid(logit) >= config.threshold).repeat_interleave(k, dim=0)
             elif config.method == "ddpm":
                 gen = torch.Generator(device=device).manual_seed(config.seed + first)
-                masks = ddpm_sample(fn, schedule, x_init, generator=gen) > 0
+                masks = ddpm_sample(trajectory_fn, schedule, x_init, generator=gen) > 0
             elif config.method == "ancestral":
                 # Per-pass random streams, the same under every therapy (common random
                 # numbers): a therapy that lowers every cell's probability keeps a subset of
@@ -151,11 +168,16 @@ def sample_masks(
                 streams = [
                     torch.Generator().manual_seed(config.seed * 1_000_003 + s) for _, s in chunk
                 ]
-                masks = ancestral_sample(fn, schedule, x_init, config.steps, streams, k) > 0
+                masks = (
+                    ancestral_sample(
+                        fn, schedule, x_init, config.steps, streams, k, shifts=chunk_shifts
+                    )
+                    > 0
+                )
             elif config.method == "dpmpp2m":
-                masks = dpmpp2m_sample(fn, schedule, x_init, config.steps) > 0
+                masks = dpmpp2m_sample(trajectory_fn, schedule, x_init, config.steps) > 0
             else:
-                masks = ddim_sample(fn, schedule, x_init, config.steps) > 0
+                masks = ddim_sample(trajectory_fn, schedule, x_init, config.steps) > 0
             marginal = first_step[0]
             if decoder is not None:
                 assert encoded.appearance is not None
@@ -173,6 +195,16 @@ def sample_masks(
                 marginal_out[t] += prob / n_pass
     timings["sample_s"] = time.perf_counter() - start
     return out, timings
+
+
+def _shifted(fn: LogitFn, shift: torch.Tensor) -> LogitFn:
+    """``fn`` with a per-row logit shift (rows: trajectories)."""
+
+    def shifted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logit = fn(x, t)
+        return logit + shift.to(logit.device, logit.dtype).view(-1, *([1] * (logit.dim() - 1)))
+
+    return shifted
 
 
 def _decode(
