@@ -58,11 +58,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 import yaml
 from pydicom.uid import generate_uid
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
 
 ALL_TARGETS = ("node", "orthanc", "storescp", "pynetdicom-raw", "pynetdicom-raw-fsync")
 ASSOCIATIONS = (1, 5)
@@ -445,8 +448,9 @@ def _timed_fsync(table: dict[str, list[float]]) -> Iterator[None]:
     """``os.fsync`` timed apart for files and directories (the rename's directory entry)."""
     original = os.fsync
 
-    def wrapper(fd: int) -> None:
-        label = "fsync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"
+    def wrapper(fd: int | HasFileno) -> None:
+        number = fd if isinstance(fd, int) else fd.fileno()
+        label = "fsync directory" if stat.S_ISDIR(os.fstat(number).st_mode) else "fsync file"
         t0 = time.perf_counter()
         try:
             original(fd)
