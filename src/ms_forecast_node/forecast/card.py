@@ -200,6 +200,25 @@ def ship_model(
         section += _prior_head_section(extra)
     if "rate_dispersion" in extra:
         section += _dispersion_section(extra)
+    fitted_after = [
+        name
+        for key, name in (
+            ("prior_head", "a prior-activity head"),
+            ("rate_dispersion", "rate dispersion"),
+        )
+        if key in extra
+    ]
+    if fitted_after:
+        training_row += (
+            f"; then {' and '.join(fitted_after)} fitted on the frozen network (sections below)"
+        )
+    prior_limitation = (
+        "Every prior visit in training came with an untreated interval of one length "
+        "(training data above); a treated, much shorter or much longer interval is outside "
+        "what the model saw."
+        if "prior visit" in data_row
+        else "No prior visit in training; the temporal-context channels are untrained."
+    )
     prior_inputs = (
         "prior visit (lesion mask, FLAIR, interval; optional) as temporal context"
         + (
@@ -292,7 +311,7 @@ the command in the project README.
 * Simulated training data: the anatomy is one template warped per patient, lesion biology is a
   model, and the therapy effects are trial averages applied to a latent rate.
 * One horizon (48 weeks) in training; other horizons are extrapolation.
-* No prior visit in training; the temporal-context channels are untrained.
+* {prior_limitation}
 """
     card_path = models_dir / f"{name}.md"
     card_path.write_text(card, encoding="utf-8")
