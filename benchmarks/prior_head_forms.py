@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ms_forecast_node.forecast.anchoring import first_step_cell_probabilities
+from ms_forecast_node.forecast.anchoring import factual_cell_logits
 from ms_forecast_node.forecast.checkpoint import load_model
-from ms_forecast_node.forecast.config import INTERVAL_FLAG, PRIOR_ACTIVITY_FLAG, PRIOR_FLAG
-from ms_forecast_node.forecast.data import load_examples
+from ms_forecast_node.forecast.config import INTERVAL_FLAG, PRIOR_ACTIVITY_FLAG
+from ms_forecast_node.forecast.data import load_examples, with_prior_visit
 from ms_forecast_node.forecast.metrics import expected_calibration_error
 from ms_forecast_node.forecast.prior_head import fit_head, fit_head_pseudocount
 from ms_forecast_node.forecast.rate_dispersion import (
@@ -52,11 +52,10 @@ def first_step_forecasts(
     realised counts of the cohort's first ``limit`` studies that have a prior visit."""
     model = load_model(model_path)
     examples = load_examples(cohort, model.config, limit=limit)
-    examples = [e for e in examples if e.study.flags[PRIOR_FLAG]]
+    examples = with_prior_visit(examples)
     logits, n, w48, counts = [], [], [], []
     for e in tqdm(examples, desc="first-step forecasts", unit="study"):
-        p = np.clip(first_step_cell_probabilities(model, e, [e.therapy], 2, 0)[0], 1e-12, 1 - 1e-7)
-        logits.append(np.log(p) - np.log1p(-p))
+        logits.append(factual_cell_logits(model, e, 2, 0))
         w = float(e.study.flags[INTERVAL_FLAG])
         # The feature is log((n + 0.5) / w): the interval count comes back exactly.
         n.append(round(float(np.exp(e.study.flags[PRIOR_ACTIVITY_FLAG])) * w - 0.5))

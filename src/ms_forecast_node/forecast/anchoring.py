@@ -74,6 +74,16 @@ def first_step_cell_probabilities(
     return cells.reshape(n_t, -1).astype(np.float64)
 
 
+def factual_cell_logits(
+    model: NET2Forecaster, example: Example, samples: int = 2, seed: int = 0
+) -> np.ndarray:
+    """(n_cells,) first-step logits under the example's factual therapy (probabilities clipped
+    away from 0 and 1): the per-study input of the head and dispersion fits."""
+    p = first_step_cell_probabilities(model, example, [example.therapy], samples, seed)[0]
+    p = np.clip(p, 1e-12, 1.0 - 1e-7)
+    return np.asarray(np.log(p) - np.log1p(-p))
+
+
 def _mean_count(logits: np.ndarray, shift: float) -> float:
     """Mean over studies of the expected count after adding ``shift`` to every logit."""
     return float((1.0 / (1.0 + np.exp(-(logits + shift)))).sum(axis=1).mean())
@@ -159,4 +169,10 @@ def anchor_to_trials(
     return anchored.to(next(model.parameters()).device), result
 
 
-__all__ = ["AnchoringResult", "anchor_to_trials", "first_step_cell_probabilities", "solve_shift"]
+__all__ = [
+    "AnchoringResult",
+    "anchor_to_trials",
+    "factual_cell_logits",
+    "first_step_cell_probabilities",
+    "solve_shift",
+]

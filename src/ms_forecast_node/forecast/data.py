@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ms_forecast_node.errors import CohortFormatError
 from ms_forecast_node.forecast.config import (
     PRIOR_ACTIVITY_FLAG,
     PRIOR_CHANNELS,
+    PRIOR_FLAG,
     PRIOR_FLAGS,
     SEQUENCES,
     ModelConfig,
@@ -263,6 +265,15 @@ def load_example(patient: CohortPatient, config: ModelConfig, cache_dir: Path | 
         patient.sidecar,
         patient,
     )
+
+
+def with_prior_visit(examples: Sequence[Example]) -> list[Example]:
+    """The examples whose study comes with a prior visit (and so an interval count)."""
+    return [
+        e
+        for e in examples
+        if len(e.study.flags) > PRIOR_ACTIVITY_FLAG and e.study.flags[PRIOR_FLAG] > 0.5
+    ]
 
 
 def hide_prior(example: Example) -> Example:

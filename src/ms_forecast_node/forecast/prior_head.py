@@ -27,9 +27,9 @@ from scipy import optimize
 from tqdm import tqdm
 
 from ms_forecast_node.errors import ConfigurationError
-from ms_forecast_node.forecast.anchoring import first_step_cell_probabilities
-from ms_forecast_node.forecast.config import INTERVAL_FLAG, PRIOR_ACTIVITY_FLAG, PRIOR_FLAG
-from ms_forecast_node.forecast.data import Example
+from ms_forecast_node.forecast.anchoring import factual_cell_logits
+from ms_forecast_node.forecast.config import INTERVAL_FLAG, PRIOR_ACTIVITY_FLAG
+from ms_forecast_node.forecast.data import Example, with_prior_visit
 from ms_forecast_node.forecast.model import NET2Forecaster
 
 
@@ -130,11 +130,7 @@ def fit_prior_head(
         raise ConfigurationError(
             "the prior-activity head needs a lesion-centre model with rate offsets"
         )
-    with_prior = [
-        e
-        for e in examples
-        if len(e.study.flags) > PRIOR_ACTIVITY_FLAG and e.study.flags[PRIOR_FLAG]
-    ]
+    with_prior = with_prior_visit(examples)
     if not with_prior:
         raise ConfigurationError("no study with a prior visit to fit the head on")
     head = NET2Forecaster(
@@ -152,9 +148,7 @@ def fit_prior_head(
     head.to(next(model.parameters()).device)
     logits, features, w48, counts = [], [], [], []
     for e in tqdm(with_prior, desc="prior head: first-step forecasts", unit="study"):
-        p = first_step_cell_probabilities(model, e, [e.therapy], samples, seed)[0]
-        p = np.clip(p, 1e-12, 1.0 - 1e-7)
-        logits.append(np.log(p) - np.log1p(-p))
+        logits.append(factual_cell_logits(model, e, samples, seed))
         features.append(float(e.study.flags[PRIOR_ACTIVITY_FLAG]))
         w48.append(float(e.study.flags[INTERVAL_FLAG]))
         counts.append(float(e.sidecar["truth"]["net2_count"][e.therapy]))

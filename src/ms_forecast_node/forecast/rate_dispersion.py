@@ -30,9 +30,8 @@ from scipy import optimize, special
 from tqdm import tqdm
 
 from ms_forecast_node.errors import ConfigurationError
-from ms_forecast_node.forecast.anchoring import first_step_cell_probabilities
-from ms_forecast_node.forecast.config import PRIOR_ACTIVITY_FLAG, PRIOR_FLAG
-from ms_forecast_node.forecast.data import Example, hide_prior
+from ms_forecast_node.forecast.anchoring import factual_cell_logits
+from ms_forecast_node.forecast.data import Example, hide_prior, with_prior_visit
 from ms_forecast_node.forecast.model import NET2Forecaster
 
 QUADRATURE_NODES = 24
@@ -113,12 +112,6 @@ class DispersionFit:
         return asdict(self)
 
 
-def _cell_logits(model: NET2Forecaster, example: Example, samples: int, seed: int) -> np.ndarray:
-    p = first_step_cell_probabilities(model, example, [example.therapy], samples, seed)[0]
-    p = np.clip(p, 1e-12, 1.0 - 1e-7)
-    return np.asarray(np.log(p) - np.log1p(-p))
-
-
 def fit_dispersion(
     model: NET2Forecaster,
     examples: Sequence[Example],
@@ -131,18 +124,14 @@ def fit_dispersion(
     prior-activity head, if it has one) and once with the prior visit hidden (first visits)."""
     if model.decoder is None:
         raise ConfigurationError("rate dispersion needs a lesion-centre model")
-    with_prior = [
-        e
-        for e in examples
-        if len(e.study.flags) > PRIOR_ACTIVITY_FLAG and e.study.flags[PRIOR_FLAG]
-    ]
+    with_prior = with_prior_visit(examples)
     if len(with_prior) < 10:
         raise ConfigurationError("fitting the rate dispersion needs 10 studies with a prior visit")
     counts = np.array([float(e.sidecar["truth"]["net2_count"][e.therapy]) for e in with_prior])
     prior_logits, first_logits = [], []
     for e in tqdm(with_prior, desc="dispersion: first-step forecasts", unit="study"):
-        prior_logits.append(_cell_logits(model, e, samples, seed))
-        first_logits.append(_cell_logits(model, hide_prior(e), samples, seed))
+        prior_logits.append(factual_cell_logits(model, e, samples, seed))
+        first_logits.append(factual_cell_logits(model, hide_prior(e), samples, seed))
     sd_prior, prior_before, prior_after = fit_rate_sd(np.stack(prior_logits), counts)
     sd_first, first_before, first_after = fit_rate_sd(np.stack(first_logits), counts)
     dispersed = NET2Forecaster(replace(model.config, version=version, rate_dispersion=True))
