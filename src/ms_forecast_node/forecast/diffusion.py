@@ -170,6 +170,11 @@ def ddpm_sample(
     return logit
 
 
+def per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per batch row of ``like``, shaped to broadcast over its other dimensions."""
+    return values.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
 @torch.no_grad()
 def ancestral_sample(
     logit_fn: LogitFn,
@@ -214,9 +219,6 @@ def ancestral_sample(
         rows = [fn(tuple(x.shape[1:]), generator=g) for g in generators]
         return torch.stack(rows).to(x.device)
 
-    def along(shift: torch.Tensor) -> torch.Tensor:
-        return shift.to(x.device, torch.float32).view(-1, *([1] * (x.dim() - 1)))
-
     def final(logit: torch.Tensor) -> torch.Tensor:
         # Draw d of every row comes from that row's generator in turn, so with k = 1 this is
         # exactly the single draw, and rows of equal seed still share their draws.
@@ -225,7 +227,8 @@ def ancestral_sample(
             p = torch.sigmoid(logit)[:, None]
         else:
             p = torch.stack(
-                [torch.sigmoid(logit + along(shifts[:, d])) for d in range(final_draws)], dim=1
+                [torch.sigmoid(logit + per_row(shifts[:, d], logit)) for d in range(final_draws)],
+                dim=1,
             )
         x0 = (draws < p).float() * 2.0 - 1.0
         return x0.reshape(-1, *logit.shape[1:])
@@ -240,7 +243,7 @@ def ancestral_sample(
         if n + 1 == len(seq):
             return final(logit)
         if shifts is not None:
-            logit = logit + along(shifts[:, 0])
+            logit = logit + per_row(shifts[:, 0], logit)
         p = torch.sigmoid(logit)
         x0 = (draw("u") < p).float() * 2.0 - 1.0
         coef_x0, coef_xt, var = posterior(float(ab[t_now]), float(ab[seq[n + 1]]))

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,16 @@ from ms_forecast_node.forecast.diffusion import cosine_alphas_cumprod
 
 # Rates are per 48 weeks in the simulator and in the trials it follows.
 REFERENCE_HORIZON_WEEKS = 48.0
+
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+def log_rate_shift(sd: float, epsilon: ArrayT) -> ArrayT:
+    """The rate-dispersion logit shift ``sd·ε − sd²/2`` of a sample with standard-normal ``ε``
+    (numpy or torch): its ``− sd²/2`` keeps the expected count while cell probabilities are
+    small (forecast/rate_dispersion.py)."""
+    return sd * epsilon - 0.5 * sd * sd
 
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.anchoring import factual_cell_logits
 from ms_forecast_node.forecast.data import Example, hide_prior, with_prior_visit
-from ms_forecast_node.forecast.model import NET2Forecaster
+from ms_forecast_node.forecast.model import NET2Forecaster, log_rate_shift
 
 QUADRATURE_NODES = 24
 MAX_RATE_SD = 3.0
@@ -44,16 +44,11 @@ def _nodes() -> tuple[np.ndarray, np.ndarray]:
     return x, w / w.sum()
 
 
-def log_rate_shifts(sd: float, epsilon: np.ndarray) -> np.ndarray:
-    """The per-sample logit shift for standard-normal draws ``epsilon``."""
-    return sd * epsilon - 0.5 * sd * sd
-
-
 def mixture_log_likelihood(logits: np.ndarray, counts: np.ndarray, sd: float) -> float:
     """Poisson–lognormal log-likelihood of ``counts`` (one per row of cell ``logits``): the
     count is Poisson with mean ``Σ sigmoid(logit + sd·ε − sd²/2)``, ε ~ N(0, 1)."""
     x, w = _nodes()
-    shift = log_rate_shifts(sd, x)  # (Q,)
+    shift = log_rate_shift(sd, x)  # (Q,)
     # (N, Q) expected counts; the cells are summed one node at a time to bound memory.
     expected = np.stack([special.expit(logits + s).sum(axis=1) for s in shift], axis=1).clip(
         1e-12, None
@@ -90,7 +85,7 @@ def activity_probability(logits: np.ndarray, sd: float) -> np.ndarray:
     independent given the shift, as the sampler draws them)."""
     x, w = _nodes()
     quiet = np.stack(
-        [np.log1p(-special.expit(logits + s)).sum(axis=1) for s in log_rate_shifts(sd, x)],
+        [np.log1p(-special.expit(logits + s)).sum(axis=1) for s in log_rate_shift(sd, x)],
         axis=1,
     )
     return np.asarray(1.0 - (np.exp(quiet) * w[None, :]).sum(axis=1))
@@ -161,6 +156,5 @@ __all__ = [
     "activity_probability",
     "fit_dispersion",
     "fit_rate_sd",
-    "log_rate_shifts",
     "mixture_log_likelihood",
 ]

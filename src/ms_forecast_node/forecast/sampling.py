@@ -33,8 +33,14 @@ from ms_forecast_node.forecast.diffusion import (
     ddpm_sample,
     dpmpp2m_sample,
     guided,
+    per_row,
 )
-from ms_forecast_node.forecast.model import EncodedStudy, LesionDecoder, NET2Forecaster
+from ms_forecast_node.forecast.model import (
+    EncodedStudy,
+    LesionDecoder,
+    NET2Forecaster,
+    log_rate_shift,
+)
 from ms_forecast_node.forecast.result import ForecastLesion, ForecastResult, TherapyForecast
 
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)
@@ -108,7 +114,7 @@ def sample_masks(
         epsilon = torch.randn(
             (n_pass, k), generator=torch.Generator().manual_seed(config.seed + 7919)
         )
-        shifts = rate_sd * epsilon - 0.5 * rate_sd * rate_sd
+        shifts = log_rate_shift(rate_sd, epsilon)
     pairs = [(t, s) for t in range(n_t) for s in range(n_pass)]
     out = np.zeros((n_t, n_s, *shape), dtype=bool)
     schedule = Schedule(model.config.timesteps)
@@ -202,7 +208,7 @@ def _shifted(fn: LogitFn, shift: torch.Tensor) -> LogitFn:
 
     def shifted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logit = fn(x, t)
-        return logit + shift.to(logit.device, logit.dtype).view(-1, *([1] * (logit.dim() - 1)))
+        return logit + per_row(shift, logit)
 
     return shifted
 
