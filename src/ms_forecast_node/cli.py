@@ -363,6 +363,61 @@ def fit_prior_head_cmd(
     typer.echo(f"wrote {out / 'model.safetensors'} (sha256 {digest})")
 
 
+@app.command("fit-site-head")
+def fit_site_head_cmd(
+    model: Annotated[Path, typer.Option(help="Lesion-centre model weights (.safetensors).")],
+    cohort: Annotated[
+        Path, typer.Option(help="Simulated training cohort (images, lesion records, outcomes).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for model.safetensors and site_head.json.")],
+    version: Annotated[str, typer.Option(help="Version of the model with the head.")],
+    detector_studies: Annotated[
+        int, typer.Option(help="First N studies: train the pre-lesional site detector.")
+    ] = 250,
+    head_studies: Annotated[
+        int, typer.Option(help="The next N studies: fit the head's α, β, γ.")
+    ] = 250,
+    samples: Annotated[int, typer.Option(help="Starting-noise draws per study.")] = 2,
+) -> None:
+    """Add the site head: a per-voxel detector of pre-lesional change (trained on the
+    simulator's lesion records) that moves the forecast's lesion centres to where the images
+    announce them (forecast/site_head.py)."""
+    from ms_forecast_node.forecast.checkpoint import save_model
+    from ms_forecast_node.forecast.site_head import fit_site_head
+
+    base, examples, base_extra, base_sha256 = _load_base_and_cohort(
+        model, cohort, detector_studies + head_studies
+    )
+    if len(examples) < detector_studies + 10:
+        raise typer.BadParameter(f"{cohort} has {len(examples)} studies: too few")
+    fitted, fit = fit_site_head(
+        base, examples[:detector_studies], examples[detector_studies:], version, samples
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        **base_extra,
+        "site_head_base": {
+            "file": model.name,
+            "version": base.config.version,
+            "sha256": base_sha256,
+        },
+        "site_head_cohort": str(cohort),
+        "site_head": fit.as_dict(),
+    }
+    digest = save_model(fitted, out / "model.safetensors", record)
+    (out / "site_head.json").write_text(json.dumps(record, indent=2) + "\n")
+    typer.echo(
+        f"detector on {fit.n_detector_studies} studies ({fit.n_detector_sites} sites), voxel AUC "
+        f"{fit.detector_voxel_auc_head_studies:.3f} on {fit.n_head_studies} other studies; "
+        f"α = {fit.alpha:+.3f}, β = {fit.beta:.3f}, τ = {fit.tau:+.2f}, γ = {fit.gamma:.3f}; "
+        f"cell log-likelihood "
+        f"{fit.cell_log_likelihood_before:.1f} -> {fit.cell_log_likelihood_after:.1f}; mean "
+        f"count observed {fit.mean_count_observed:.3f}, forecast {fit.mean_count_before:.3f} -> "
+        f"{fit.mean_count_after:.3f}"
+    )
+    typer.echo(f"wrote {out / 'model.safetensors'} (sha256 {digest})")
+
+
 @app.command("ship-model")
 def ship_model_cmd(
     weights: Annotated[Path, typer.Option(help="Weights to ship (.safetensors).")],

@@ -131,6 +131,37 @@ def _dispersion_section(extra: dict[str, Any]) -> str:
     )
 
 
+def _site_head_section(extra: dict[str, Any]) -> str:
+    """The card section of a model with a fitted site head (``fit-site-head``)."""
+    fit = extra["site_head"]
+    base = extra["site_head_base"]
+    return "\n".join(
+        [
+            "",
+            "## Site head (pre-lesional change)",
+            "",
+            f"On top of {base['version']} (`{base['file']}`, sha256 `{base['sha256'][:16]}…`): a "
+            "per-voxel detector of focal pre-lesional T2/FLAIR change (blob responses and tissue "
+            "context of FLAIR, T1, T2 and PD; a small MLP) scores every brain voxel outside the "
+            "current lesions, and each lesion-centre cell's logit is moved by "
+            f"`{fit['alpha']:+.3f} + {fit['beta']:.3f}·σ((s − {fit['tau']:.2f}) / "
+            f"{fit['width']:.2f})`, `s` the cell's best score; the decoder's appearance logit gets "
+            f"`{fit['gamma']:.3f}·max(score, 0)`. "
+            f"The detector was trained on the visible pre-lesional sites of "
+            f"{fit['n_detector_studies']} simulated studies ({fit['n_detector_sites']} sites; "
+            f"voxel AUC {fit['detector_voxel_auc_head_studies']:.3f} on {fit['n_head_studies']} "
+            "other studies); the head's constants were fitted by maximum likelihood on the true "
+            f"lesion-centre cells of those {fit['n_head_studies']} studies (the network's own "
+            f"forecast as offset; log-likelihood {fit['cell_log_likelihood_before']:.1f} → "
+            f"{fit['cell_log_likelihood_after']:.1f}). It acts only when FLAIR, T1, T2 and PD "
+            "are all present; otherwise the study is forecast as by the base model. The "
+            "detector learnt the simulator's pre-lesional change: whether real pre-lesional "
+            "abnormalities look like it is untested.",
+            "",
+        ]
+    )
+
+
 def _run_rows(run_dir: Path, target: Path) -> tuple[str, str, float]:
     """Training-data row, training row and the cohort's horizon, from a training run."""
     run_cfg = json.loads((run_dir / "config.json").read_text())
@@ -200,17 +231,21 @@ def ship_model(
         section += _prior_head_section(extra)
     if "rate_dispersion" in extra:
         section += _dispersion_section(extra)
+    if "site_head" in extra:
+        section += _site_head_section(extra)
     fitted_after = [
         name
         for key, name in (
             ("prior_head", "a prior-activity head"),
             ("rate_dispersion", "rate dispersion"),
+            ("site_head", "a pre-lesional site head"),
         )
         if key in extra
     ]
     if fitted_after:
+        listed = ", ".join(fitted_after[:-1]) + " and " if len(fitted_after) > 1 else ""
         training_row += (
-            f"; then {' and '.join(fitted_after)} fitted on the frozen network (sections below)"
+            f"; then {listed}{fitted_after[-1]} fitted on the frozen network (sections below)"
         )
     prior_limitation = (
         "Every prior visit in training came with an untreated interval of one length "

@@ -69,6 +69,11 @@ class ModelConfig:
     # who looks like this one may have; ``s`` (first visits, studies with a prior visit) is
     # fitted by maximum likelihood (``fit-prior-head --dispersion``).
     rate_dispersion: bool = False
+    # The site head (forecast/site_head.py): a learned per-voxel reader of pre-lesional change
+    # moves each centre cell's logit by ``α + β·(its best site score)`` and the decoder's
+    # appearance by ``γ·score``, so forecast lesions are drawn where the images announce them
+    # (``ms-forecast-node fit-site-head``).
+    site_head: bool = False
 
     def __post_init__(self) -> None:
         if self.diffusion_target not in DIFFUSION_TARGETS:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.config import (
     INTERVAL_FLAG,
     PRIOR_ACTIVITY_FLAG,
@@ -40,6 +41,7 @@ from ms_forecast_node.forecast.config import (
     ModelConfig,
 )
 from ms_forecast_node.forecast.diffusion import cosine_alphas_cumprod
+from ms_forecast_node.forecast.site_head import SiteDetector
 
 # Rates are per 48 weeks in the simulator and in the trials it follows.
 REFERENCE_HORIZON_WEEKS = 48.0
@@ -129,11 +131,16 @@ class EncodedStudy:
     global_vector: torch.Tensor | None = None  # (1 or B, E) when the model has a summary
     # Centre models: per-voxel lesion-appearance logit (1 or B, 1, D, H, W) for the decoder.
     appearance: torch.Tensor | None = None
+    # Models with a site head: the per-cell logit shift (1 or B, 1, d, h, w) it adds.
+    site_shift: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> EncodedStudy:
         summary = None if self.global_vector is None else self.global_vector[index]
         look = None if self.appearance is None else self.appearance[index]
-        return EncodedStudy([lv[index] for lv in self.levels], self.flags[index], summary, look)
+        sites = None if self.site_shift is None else self.site_shift[index]
+        return EncodedStudy(
+            [lv[index] for lv in self.levels], self.flags[index], summary, look, sites
+        )
 
 
 class StudyEncoder(nn.Module):
@@ -150,6 +157,11 @@ class StudyEncoder(nn.Module):
         self.proj = nn.ModuleList([nn.Conv3d(c1, d1, 1), nn.Conv3d(c2, d2, 1)])
         self.global_head = nn.Linear(c2, config.embed_dim) if config.global_summary else None
         self.appearance = AppearanceHead(config) if config.centres else None
+        self.sites: SiteDetector | None = None
+        if config.site_head:
+            if not config.centres:
+                raise ConfigurationError("the site head needs a lesion-centre model")
+            self.sites = SiteDetector(config)
 
     def forward(self, images: torch.Tensor, flags: torch.Tensor) -> EncodedStudy:
         f0 = self.block0(space_to_depth(images, 2))
@@ -158,7 +170,15 @@ class StudyEncoder(nn.Module):
         levels = [self.proj[0](f1), self.proj[1](f2)]
         summary = None if self.global_head is None else self.global_head(f2.mean(dim=(2, 3, 4)))
         look = None if self.appearance is None else self.appearance(images, f0, f1)
-        return EncodedStudy(levels, flags, summary, look)
+        site_shift = None
+        if self.sites is not None and look is not None:
+            # Full precision: the blob responses are small differences of smoothed images.
+            with torch.autocast(images.device.type, enabled=False):
+                site_shift, look_shift = self.sites.shifts(
+                    images.float(), flags.float(), LesionDecoder.CELL
+                )
+            look = look + look_shift.to(look.dtype)
+        return EncodedStudy(levels, flags, summary, look, site_shift)
 
 
 class AppearanceHead(nn.Module):
@@ -318,6 +338,8 @@ class Denoiser(nn.Module):
             logit = logit + self.prior_activity_shift(encoded.flags).view(-1, 1, 1, 1, 1).to(
                 logit.dtype
             )
+        if encoded.site_shift is not None:
+            logit = logit + encoded.site_shift.to(logit.dtype)
         return logit
 
     def prior_activity_shift(self, flags: torch.Tensor) -> torch.Tensor:
