@@ -409,7 +409,8 @@ def fit_site_head_cmd(
     typer.echo(
         f"detector on {fit.n_detector_studies} studies ({fit.n_detector_sites} sites), voxel AUC "
         f"{fit.detector_voxel_auc_head_studies:.3f} on {fit.n_head_studies} other studies; "
-        f"α = {fit.alpha:+.3f}, β = {fit.beta:.3f}, τ = {fit.tau:+.2f}, γ = {fit.gamma:.3f}; "
+        f"α = {fit.alpha:+.3f}, β = {fit.beta:.3f}, τ = {fit.tau:+.2f}, width = {fit.width:.2f}, "
+        f"γ = {fit.gamma:.3f}; "
         f"cell log-likelihood "
         f"{fit.cell_log_likelihood_before:.1f} -> {fit.cell_log_likelihood_after:.1f}; mean "
         f"count observed {fit.mean_count_observed:.3f}, forecast {fit.mean_count_before:.3f} -> "

@@ -332,8 +332,10 @@ used for clinical decisions.
 `{report["cohort"]}` ({report["n_patients"]} simulated patients, a different seed); sampler
 {report["sampler"]["method"]} {report["sampler"]["steps"]} steps × {report["sampler"]["samples"]}
 samples{_draws_phrase(report["sampler"])}; production uses the same method, steps, samples,
-threshold and minimum lesion size by default (`models.json`). The image ceiling knows perfectly what the baseline images can reveal; the
-oracle also knows each patient's hidden activity and therapy response.
+threshold and minimum lesion size by default (`models.json`). The image ceiling knows perfectly
+the activity the baseline images show and every visible pre-lesional site (its activity and count
+forecasts do not use the sites, so a model that finds them can beat it there); the oracle also
+knows each patient's hidden activity and therapy response.
 
 {chr(10).join(rows)}
 {intervals}

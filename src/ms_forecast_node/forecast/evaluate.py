@@ -605,7 +605,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "`image_ceiling` knows perfectly what the simulator puts into the baseline images "
             "(the image-visible activity and the site of every visible pre-lesional change) and "
-            "nothing else; no image-based forecaster can beat it on average. `oracle` also knows "
+            "nothing else. Its activity and count forecasts read only the visible activity, not "
+            "the pre-lesional sites (each one a future lesion under placebo), so a forecaster "
+            "that finds the sites can beat it there; on lesion F1 no image-based forecaster can "
+            "beat it on average. `oracle` also knows "
             "the hidden activity and the patient's therapy response. The ceiling's lesion F1 marks "
             "every visible pre-lesional site when its event survives the factual therapy with a "
             f"population probability of at least 0.5 (F1 by that threshold: {sweep}); it is "
