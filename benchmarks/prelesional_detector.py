@@ -124,13 +124,10 @@ def main() -> None:
         for e, s, t in held_out
     )
     labels = [site_labels(e.sidecar, config) & (s > -SCORE_CLIP) for e, s, _ in held_out]
-    reached = [
-        (
-            int(np.unique(ndimage.label(lab)[0][(s >= t) & lab]).size),
-            int(ndimage.label(lab)[1]),
-        )
-        for (_, s, t), lab in zip(held_out, labels, strict=True)
-    ]
+    reached = []  # (sites with a voxel at or above the threshold, sites), per patient
+    for (_, s, t), lab in zip(held_out, labels, strict=True):
+        site_ids, n_sites = ndimage.label(lab)
+        reached.append((int(np.unique(site_ids[(s >= t) & lab]).size), int(n_sites)))
     inside = [s > -SCORE_CLIP for _, s, _ in held_out]
     ceiling = prelesional_detection_ceiling(
         [e.sidecar for e, _, _ in held_out], efficacy, params, 0.5

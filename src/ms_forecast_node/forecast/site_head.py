@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage, optimize
+from scipy import ndimage, optimize, special
 from torch import nn
 from tqdm import tqdm
 
@@ -88,6 +88,7 @@ class SiteDetector(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         self.spacing_mm = config.spacing_mm
         self.mlp = nn.Sequential(
             nn.Conv3d(N_FEATURES, 32, 1),
@@ -219,11 +220,10 @@ def train_detector(
     """Fit the detector's MLP and feature standardisation on ``examples`` (their visible
     pre-lesional sites against random other candidates); returns the number of sites."""
     rng = np.random.default_rng(seed)
-    config_like = _config_of(detector)
     rows, ys, n_sites = [], [], 0
     for e in tqdm(examples, desc="site head: detector features", unit="study"):
         feats, cand = _features_and_candidates(detector, e)
-        labels = site_labels(e.sidecar, config_like) & cand
+        labels = site_labels(e.sidecar, detector.config) & cand
         n_sites += int(ndimage.label(labels)[1])
         pos = np.flatnonzero(labels)
         neg = np.flatnonzero(cand & ~labels)
@@ -261,25 +261,16 @@ def train_detector(
     return n_sites
 
 
-def _config_of(detector: SiteDetector) -> ModelConfig:
-    d, h, w = detector.brain.shape[2:]
-    return ModelConfig(spacing_mm=detector.spacing_mm, crop_shape=(int(d), int(h), int(w)))
-
-
 def _bernoulli_log_likelihood(logits: np.ndarray, y: np.ndarray) -> float:
     # log σ(l) for y = 1, log(1 − σ(l)) for y = 0, stably
     return float(-np.sum(np.logaddexp(0.0, np.where(y, -logits, logits))))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * x)))
 
 
 def cell_shift(
     scores: np.ndarray, alpha: float, beta: float, tau: float, width: float
 ) -> np.ndarray:
     """The head's logit shift ``α + β·σ((s − τ) / width)`` of cells with best score ``s``."""
-    return alpha + beta * _sigmoid((scores - tau) / width)
+    return alpha + beta * special.expit((scores - tau) / width)
 
 
 def fit_cell_head(
@@ -298,9 +289,9 @@ def fit_cell_head(
         alpha, beta, tau, log_width = theta
         width = np.exp(log_width)
         u = (scores - tau) / width
-        g = _sigmoid(u)
+        g = special.expit(u)
         z = logits + alpha + beta * g
-        residual = _sigmoid(z) - y
+        residual = special.expit(z) - y
         slope = beta * g * (1.0 - g)
         grad = np.array(
             [
@@ -401,9 +392,9 @@ def fit_site_head(
         cell_log_likelihood_before=before,
         cell_log_likelihood_after=after,
         mean_count_observed=float(y.sum() / n_studies),
-        mean_count_before=float(_sigmoid(cell_logits).sum() / n_studies),
+        mean_count_before=float(special.expit(cell_logits).sum() / n_studies),
         mean_count_after=float(
-            _sigmoid(cell_logits + cell_shift(cell_scores, alpha, beta, tau, width)).sum()
+            special.expit(cell_logits + cell_shift(cell_scores, alpha, beta, tau, width)).sum()
             / n_studies
         ),
     )
