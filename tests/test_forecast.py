@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -246,6 +247,30 @@ def test_production_sampler_is_the_one_the_model_was_evaluated_with(tmp_path: Pa
     bad = replace(entry, sampler={"method": "euler"})
     with pytest.raises(ConfigurationError):
         model_sampler(bad, samples=8, seed=0)
+
+
+def test_a_sampler_other_than_the_evaluated_one_is_logged_as_uncalibrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = ModelEntry(
+        name="m",
+        version="1",
+        file=tmp_path / "m.safetensors",
+        sha256="0" * 64,
+        card=tmp_path / "m.md",
+        default=True,
+        sampler={"method": "ancestral", "steps": 1, "samples": 64, "draws_per_pass": 8},
+    )
+    with caplog.at_level(logging.WARNING, logger="ms_forecast_node.forecast.registry"):
+        model_sampler(entry, samples=None, seed=0)
+        model_sampler(entry, samples=16, seed=5, steps=1, method="ancestral")
+        assert not caplog.records  # the evaluated sampler, other samples and seed: calibrated
+        model_sampler(entry, samples=None, seed=0, steps=10)
+        model_sampler(entry, samples=None, seed=0, method="ddpm")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "steps 1 -> 10" in messages[0] and "not calibrated" in messages[0]
+    assert "method ancestral -> ddpm" in messages[1]
 
 
 def test_evaluate_scores_unregistered_weights_with_the_sampler_it_is_told(tmp_path: Path) -> None:

@@ -205,3 +205,35 @@ def test_the_fit_refuses_overlapping_detector_and_head_studies() -> None:
         fit_site_head(_model(), examples[:6], examples[4:], "0.0.1")
     with pytest.raises(ConfigurationError, match="at least 10"):
         fit_site_head(_model(), examples[:6], examples[6:], "0.0.1")
+
+
+def test_without_heads_forecasts_as_the_network_before_its_heads_were_fitted() -> None:
+    base = _model()
+    headed = _with_head(base)
+    assert headed.encoder.sites is not None
+    with torch.no_grad():
+        headed.encoder.sites.head.copy_(torch.tensor([0.5, 3.0, 1.0, 0.0, 0.2]))
+    study, _ = _sites_study(3, [(8, 12, 8)])
+    network = headed.without_heads()
+    torch.manual_seed(0)
+    plain = _encoded_shift(base, study)
+    torch.manual_seed(0)
+    stripped = _encoded_shift(network, study)
+    assert torch.equal(plain[0], stripped[0]) and torch.equal(plain[1], stripped[1])
+    # A copy: the model it came from keeps its head.
+    torch.manual_seed(0)
+    assert not torch.equal(_encoded_shift(headed, study)[0], plain[0])
+
+
+def test_without_heads_zeroes_the_prior_activity_head_and_the_rate_dispersion() -> None:
+    model = NET2Forecaster(replace(CENTRES, prior_activity_head=True, rate_dispersion=True))
+    assert model.denoiser.prior_activity is not None and model.denoiser.rate_sd is not None
+    with torch.no_grad():
+        model.denoiser.prior_activity.fill_(0.7)
+        model.denoiser.rate_sd.fill_(0.4)
+    network = model.without_heads()
+    assert network.denoiser.prior_activity is not None and network.denoiser.rate_sd is not None
+    assert not network.denoiser.prior_activity.any() and not network.denoiser.rate_sd.any()
+    flags = torch.ones((1, model.config.n_flags))
+    assert network.denoiser.sample_rate_sd(flags) == 0.0
+    assert model.denoiser.sample_rate_sd(flags) == pytest.approx(0.4)

@@ -24,6 +24,7 @@ this design avoids; the network is therefore written here with plain ``torch.nn`
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import TypeVar
@@ -387,6 +388,19 @@ class NET2Forecaster(nn.Module):
         self.encoder = StudyEncoder(config)
         self.denoiser = Denoiser(config)
         self.decoder = LesionDecoder() if config.centres else None
+
+    def without_heads(self) -> NET2Forecaster:
+        """A copy whose post-hoc heads change nothing: the site head, the prior-activity head
+        and the rate dispersion, all fitted after training on the first-step marginal. What
+        remains is the trained diffusion network (with its anchored therapy effects): the
+        object whose samplers can be compared with each other (benchmarks/)."""
+        network = copy.deepcopy(self)
+        network.encoder.sites = None
+        with torch.no_grad():
+            for head in (network.denoiser.prior_activity, network.denoiser.rate_sd):
+                if head is not None:
+                    head.zero_()
+        return network
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from ms_forecast_node.errors import ConfigurationError
 from ms_forecast_node.forecast.checkpoint import ModelLoadError, load_model
 from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.model import NET2Forecaster
+
+log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 REGISTRY = MODELS_DIR / "models.json"
@@ -94,6 +97,22 @@ def model_sampler(
             config = replace(config, method=method, draws_per_pass=draws)
     except TypeError as exc:
         raise ConfigurationError(f"model sampler settings: {exc}") from exc
+    changed = [
+        f"{k} {recorded[k]} -> {getattr(config, k)}"
+        for k in ("method", "steps")
+        if k in recorded and getattr(config, k) != recorded[k]
+    ]
+    if entry is not None and changed:
+        # The model's calibration (and its post-hoc heads, fitted on the one-step marginal) hold
+        # for the sampler it was evaluated with; 0.7.0 draws about half the lesions with 10
+        # ancestral steps (benchmarks/sampler_steps.py).
+        log.warning(
+            "model %s %s runs with a sampler it was not evaluated with (%s): its forecasts "
+            "are not calibrated; leave the sampler settings unset for calibrated forecasts",
+            entry.name,
+            entry.version,
+            ", ".join(changed),
+        )
     return config
 
 
