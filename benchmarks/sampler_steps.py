@@ -1,40 +1,40 @@
-"""Does the forecast keep its lesion count when the sampler takes more steps?
+"""How many solver steps does the forecast need? Lesions per sample of each few-step sampler
+against the ancestral DDPM reference over all training steps, on the same weights, patients,
+therapies and number of samples, and the network's own expected count (the sum of its
+first-step lesion-centre marginal) as a second reference that costs no sampling.
 
-The ancestral sampler is exact for independent lesion centres at any step count
-(``forecast/diffusion.py``), so a network whose clean-mask predictions agree across noise levels
-gives the same expected number of lesions per sample with 1 step (the node's sampler, the
-reference here) as with 3, 10 or 30. This script measures that ratio on held-out patients under
-their factual therapy, twice on the same weights:
+A sampler that loses rare events forecasts too few lesions and too little activity. On a CPU
+the reference costs minutes per patient; on a GPU seconds. Without DDPM in ``--samplers`` the
+first sampler is the reference (``--samplers ancestral:1 ancestral:3 ancestral:10`` compares
+step counts of the exact ancestral sampler against the node's one step, cheaply).
 
-* ``network``: the diffusion network alone (trained weights and anchored therapy effects), the
-  post-hoc heads off: the prior-activity head, the site head and the rate dispersion;
-* ``shipped``: the model as the node runs it, heads on.
+``--without-heads`` runs the diffusion network alone (``NET2Forecaster.without_heads``). The
+post-hoc heads (site, prior activity, rate dispersion) were fitted on the first-step marginal
+and add their logit shift at every step; run both ways on 0.7.0, the network keeps its count
+across step counts and the shipped model does not.
 
-The heads were fitted on the network's first-step (pure-noise) marginal, and they add their logit
-shift at every step. When the ratios of ``network`` stay near 1 and those of ``shipped`` fall,
-the heads, not the network or the sampler, make many-step samplers (DDPM among them) disagree
-with the one-step forecast.
-
-    .venv/bin/python benchmarks/sampler_steps.py --cohort var/cohorts/heldout-s2000-prior \
-        [--patients 10] [--samples 16] [--steps 1 3 10] [--out steps.json]
+    .venv/bin/python benchmarks/sampler_steps.py --cohort var/cohorts/heldout-s2000 \
+        [--model PATH] [--patients 16] [--samples 32] \
+        [--samplers ddpm:1000 dpmpp2m:6 ancestral:8 ddim:25] [--without-heads] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+import torch
 
 from ms_forecast_node.forecast import metrics as M
 from ms_forecast_node.forecast.checkpoint import load_model
+from ms_forecast_node.forecast.config import SamplerConfig
 from ms_forecast_node.forecast.data import load_examples
-from ms_forecast_node.forecast.device import pick_device
-from ms_forecast_node.forecast.registry import default_entry, entry_for_weights, model_sampler
+from ms_forecast_node.forecast.device import pick_device, synchronize
+from ms_forecast_node.forecast.registry import default_entry
 from ms_forecast_node.forecast.sampling import _components, sample_masks
 
 
@@ -42,58 +42,87 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cohort", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--patients", type=int, default=10)
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 3, 10])
+    parser.add_argument("--patients", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument(
+        "--samplers",
+        nargs="+",
+        default=["ddpm:1000", "dpmpp2m:6", "dpmpp2m:10", "dpmpp2m:16", "dpmpp2m:25", "ddim:25"],
+    )
+    parser.add_argument("--without-heads", action="store_true", help="post-hoc heads off")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if args.steps[0] != 1:
-        raise SystemExit("the first --steps is the reference and must be 1")
-    model_path = args.model or default_entry().file
     device = pick_device()
-    shipped = load_model(model_path, device=device)
-    variants = {"network": shipped.without_heads(), "shipped": shipped}
-    production = model_sampler(
-        entry_for_weights(model_path), samples=None, seed=0, steps=None, method=None
-    )
-    examples = [e for e in load_examples(args.cohort, shipped.config) if e.target.any()]
+    model_path = args.model or default_entry().file
+    model = load_model(model_path, device=device)
+    if args.without_heads:
+        model = model.without_heads()
+    examples = [e for e in load_examples(args.cohort, model.config) if e.target.any()]
     examples = examples[: args.patients]
-    # counts[variant][steps] = per-patient mean lesions per sample
-    counts: dict[str, dict[int, list[float]]] = {v: {s: [] for s in args.steps} for v in variants}
-    jobs = [(i, e, v) for i, e in enumerate(examples) for v in variants]
-    for i, e, v in tqdm(jobs, desc="patients × variants", unit="run"):
-        for steps in args.steps:
-            cfg = replace(
-                production,
-                method="ancestral",
-                steps=steps,
-                samples=args.samples,
-                draws_per_pass=1,
-                chunk_size=8,
-                seed=7 + 1000 * i,
-            )
-            masks, _ = sample_masks(variants[v], e.study, [e.therapy], e.horizon_weeks, cfg)
-            n = [_components(m, cfg.min_lesion_voxels)[1] for m in masks[0]]
-            counts[v][steps].append(float(np.mean(n)))
-    report: dict[str, Any] = {
+    base = SamplerConfig(samples=args.samples, chunk_size=args.samples, seed=11)
+    report: dict[str, object] = {
         "model": str(model_path),
-        "reference": "ancestral, 1 step (the node's sampler)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "patients": len(examples),
         "samples_per_patient": args.samples,
-        "variants": {},
+        "heads": "off" if args.without_heads else "as shipped",
+        "samplers": {},
     }
-    for v, by_steps in counts.items():
-        ref = np.array(by_steps[1])
-        rows = {}
-        for steps, values in by_steps.items():
-            x = np.array(values)
-            rows[str(steps)] = {
-                "lesions_per_sample": round(float(x.mean()), 3),
-                # None when the 1-step samples hold no lesion at all (no ratio to take).
-                "ratio_to_1_step": round(float(x.sum() / ref.sum()), 3) if ref.sum() else None,
-                "delta_vs_1_step_mean_ci95": [round(d, 3) for d in M.bootstrap_ci(x - ref)],
-            }
-        report["variants"][v] = rows
+    marginal_counts = []
+    for e in examples:
+        marginal = np.zeros((1, *e.study.images.shape[1:]), dtype=np.float32)
+        sample_masks(
+            model,
+            e.study,
+            [e.therapy],
+            e.horizon_weeks,
+            replace(base, samples=4, chunk_size=4, method="ddim", steps=2),
+            marginal_out=marginal,
+        )
+        marginal_counts.append(float(marginal.sum(dtype=np.float64)))
+    report["expected_lesions_from_marginal"] = float(np.mean(marginal_counts))
+    per_sampler: dict[str, list[float]] = {}
+    for spec in args.samplers:
+        method, steps = spec.split(":")
+        cfg = replace(base, method=method, steps=int(steps))
+        counts, seconds, rows = [], 0.0, []
+        for e in examples:
+            synchronize(device)
+            t0 = time.perf_counter()
+            masks, _ = sample_masks(model, e.study, [e.therapy], e.horizon_weeks, cfg)
+            synchronize(device)
+            seconds += time.perf_counter() - t0
+            counts.append(
+                float(np.mean([_components(m, cfg.min_lesion_voxels)[1] for m in masks[0]]))
+            )
+            rows.append(
+                {
+                    "patient": e.patient_id,
+                    "lesions_per_sample": counts[-1],
+                    "dice": float(np.mean([M.dice(m, e.target) for m in masks[0]])),
+                    "lesion_f1": float(
+                        np.mean([M.lesion_detection(m, e.target).f1 for m in masks[0]])
+                    ),
+                }
+            )
+        per_sampler[spec] = counts
+        report["samplers"][spec] = {  # type: ignore[index]
+            "lesions_per_sample": float(np.mean(counts)),
+            "seconds": round(seconds, 2),
+            "per_patient": rows,
+        }
+        print(spec, float(np.mean(counts)), round(seconds, 1), flush=True)
+    reference = next((k for k in per_sampler if k.startswith("ddpm")), args.samplers[0])
+    report["reference"] = reference
+    ref = np.asarray(per_sampler[reference])
+    for spec, counts in per_sampler.items():
+        delta = np.asarray(counts) - ref
+        entry = report["samplers"][spec]  # type: ignore[index]
+        entry["delta_vs_reference_mean_ci95"] = [round(v, 3) for v in M.bootstrap_ci(delta)]
+        # None when the reference's samples hold no lesion at all.
+        entry["ratio_vs_reference"] = (
+            round(float(np.mean(counts) / ref.mean()), 3) if ref.mean() > 0 else None
+        )
     text = json.dumps(report, indent=2)
     print(text)
     if args.out is not None:
