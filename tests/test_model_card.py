@@ -86,3 +86,25 @@ def test_card_of_a_last_step_model_from_an_older_run(tmp_path: Path) -> None:
     card = (models / f"{target.stem}.md").read_text()
     assert "| training | 800 steps, batch 16" in card
     assert "on cpu" in card
+
+
+def test_a_card_with_post_hoc_heads_binds_its_numbers_to_its_sampler(tmp_path: Path) -> None:
+    run = _run(tmp_path, weights_step=800, last_step=800, device=None)
+    models = tmp_path / "models"
+    plain = ship_model(run / "best.safetensors", run, tmp_path / "report", models_dir=models)
+    assert "post-hoc heads" not in (models / f"{plain.stem}.md").read_text()
+    dispersion = {
+        "sd_first_visit": 0.9,
+        "sd_prior_visit": 0.45,
+        "n_studies": 300,
+        "log_likelihood_first_before": -412.8,
+        "log_likelihood_first_after": -366.2,
+        "log_likelihood_prior_before": -329.5,
+        "log_likelihood_prior_after": -325.0,
+    }
+    headed = tmp_path / "headed.safetensors"
+    save_model(NET2Forecaster(CENTRES), headed, {"rate_dispersion": dispersion})
+    target = ship_model(headed, run, tmp_path / "report", models_dir=tmp_path / "headed")
+    card = (tmp_path / "headed" / f"{target.stem}.md").read_text()
+    assert "## Rate dispersion" in card
+    assert "The post-hoc heads were fitted on the network's first-step marginal" in card

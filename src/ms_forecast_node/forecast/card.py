@@ -254,6 +254,16 @@ def ship_model(
         if "prior visit" in data_row
         else "No prior visit in training; the temporal-context channels are untrained."
     )
+    heads = [k for k in ("prior_head", "rate_dispersion", "site_head") if k in extra]
+    sampler_limitation = (
+        "\n* The post-hoc heads were fitted on the network's first-step marginal: the numbers "
+        "above hold for the sampler above. A many-step sampler (DDPM, or more ancestral "
+        "steps) adds their logit shift at every step and draws another, smaller number of "
+        "lesions (`benchmarks/sampler_steps.py --without-heads`); the node warns when a site "
+        "sets another sampler."
+        if heads
+        else ""
+    )
     prior_inputs = (
         "prior visit (lesion mask, FLAIR, interval; optional) as temporal context"
         + (
@@ -348,7 +358,7 @@ the command in the project README.
 * Simulated training data: the anatomy is one template warped per patient, lesion biology is a
   model, and the therapy effects are trial averages applied to a latent rate.
 * One horizon (48 weeks) in training; other horizons are extrapolation.
-* {prior_limitation}
+* {prior_limitation}{sampler_limitation}
 """
     card_path = models_dir / f"{name}.md"
     card_path.write_text(card, encoding="utf-8")
