@@ -11,8 +11,7 @@
    many samples so that the deltas carry the reference's noise only. ``--without-heads``
    compares the samplers on the diffusion network alone: the post-hoc heads (site,
    prior activity, rate dispersion) were fitted on the first-step marginal and shift the logits
-   at every step, so with them a many-step sampler draws another distribution
-   (``benchmarks/sampler_steps.py``).
+   at every step of a many-step sampler (``benchmarks/sampler_steps.py``).
 2. The full forecast (6 therapies × 8 samples, one network pass each, default grid, the same
    sampler) with its stage timings and the peak resident memory of a fresh process; and the
    same at the model's evaluated number of samples (0.6.2: 64, drawn 8 per network pass), as

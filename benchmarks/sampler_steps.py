@@ -10,8 +10,7 @@ step counts of the exact ancestral sampler against the node's one step, cheaply)
 
 ``--without-heads`` runs the diffusion network alone (``NET2Forecaster.without_heads``). The
 post-hoc heads (site, prior activity, rate dispersion) were fitted on the first-step marginal
-and add their logit shift at every step; run both ways on 0.7.0, the network keeps its count
-across step counts and the shipped model does not.
+and add their logit shift at every step; running both ways tells what the heads change.
 
     .venv/bin/python benchmarks/sampler_steps.py --cohort var/cohorts/heldout-s2000 \
         [--model PATH] [--patients 16] [--samples 32] \

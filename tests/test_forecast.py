@@ -269,7 +269,7 @@ def test_a_sampler_other_than_the_evaluated_one_is_logged_as_uncalibrated(
         model_sampler(entry, samples=None, seed=0, method="ddpm")
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
-    assert "steps 1 -> 10" in messages[0] and "not calibrated" in messages[0]
+    assert "steps 1 -> 10" in messages[0] and "do not apply" in messages[0]
     assert "method ancestral -> ddpm" in messages[1]
 
 

@@ -257,10 +257,9 @@ def ship_model(
     heads = [k for k in ("prior_head", "rate_dispersion", "site_head") if k in extra]
     sampler_limitation = (
         "\n* The post-hoc heads were fitted on the network's first-step marginal: the numbers "
-        "above hold for the sampler above. A many-step sampler (DDPM, or more ancestral "
-        "steps) adds their logit shift at every step and draws another, smaller number of "
-        "lesions (`benchmarks/sampler_steps.py --without-heads`); the node warns when a site "
-        "sets another sampler."
+        "above hold for the sampler above. A many-step sampler adds their logit shift at "
+        "every step and may draw another distribution (`benchmarks/sampler_steps.py`, with "
+        "and without `--without-heads`); the node warns when a site sets another sampler."
         if heads
         else ""
     )

@@ -103,12 +103,12 @@ def model_sampler(
         if k in recorded and getattr(config, k) != recorded[k]
     ]
     if entry is not None and changed:
-        # The model's calibration (and its post-hoc heads, fitted on the one-step marginal) hold
-        # for the sampler it was evaluated with; 0.7.0 draws about half the lesions with 10
-        # ancestral steps (benchmarks/sampler_steps.py).
+        # The card's numbers (calibration included) were measured with the evaluated sampler.
+        # Others draw another distribution: 10 ancestral steps give 0.7.0's quiet patients
+        # fewer lesions and its active ones more (benchmarks/sampler_steps.py).
         log.warning(
-            "model %s %s runs with a sampler it was not evaluated with (%s): its forecasts "
-            "are not calibrated; leave the sampler settings unset for calibrated forecasts",
+            "model %s %s runs with a sampler it was not evaluated with (%s): its card's "
+            "numbers, calibration included, do not apply; leave the sampler settings unset",
             entry.name,
             entry.version,
             ", ".join(changed),
