@@ -7,6 +7,7 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -210,16 +211,20 @@ def test_unknown_sampler_method_is_a_configuration_error() -> None:
         SamplerConfig(steps=0)
 
 
-def test_production_sampler_is_the_one_the_model_was_evaluated_with(tmp_path: Path) -> None:
-    entry = ModelEntry(
+def _entry(tmp_path: Path, sampler: dict[str, Any]) -> ModelEntry:
+    return ModelEntry(
         name="m",
         version="1",
         file=tmp_path / "m.safetensors",
         sha256="0" * 64,
         card=tmp_path / "m.md",
         default=True,
-        sampler={"method": "ddim", "steps": 4, "min_lesion_voxels": 2, "samples": 99},
+        sampler=sampler,
     )
+
+
+def test_production_sampler_is_the_one_the_model_was_evaluated_with(tmp_path: Path) -> None:
+    entry = _entry(tmp_path, {"method": "ddim", "steps": 4, "min_lesion_voxels": 2, "samples": 99})
     cfg = model_sampler(entry, samples=8, seed=3)
     assert (cfg.method, cfg.steps, cfg.min_lesion_voxels, cfg.samples, cfg.seed) == (
         "ddim",
@@ -252,14 +257,8 @@ def test_production_sampler_is_the_one_the_model_was_evaluated_with(tmp_path: Pa
 def test_a_sampler_other_than_the_evaluated_one_is_logged_as_uncalibrated(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    entry = ModelEntry(
-        name="m",
-        version="1",
-        file=tmp_path / "m.safetensors",
-        sha256="0" * 64,
-        card=tmp_path / "m.md",
-        default=True,
-        sampler={"method": "ancestral", "steps": 1, "samples": 64, "draws_per_pass": 8},
+    entry = _entry(
+        tmp_path, {"method": "ancestral", "steps": 1, "samples": 64, "draws_per_pass": 8}
     )
     with caplog.at_level(logging.WARNING, logger="ms_forecast_node.forecast.registry"):
         model_sampler(entry, samples=None, seed=0)
