@@ -254,13 +254,13 @@ def ship_model(
         if "prior visit" in data_row
         else "No prior visit in training; the temporal-context channels are untrained."
     )
-    heads = [k for k in ("prior_head", "rate_dispersion", "site_head") if k in extra]
+    has_heads = any(k in extra for k in ("prior_head", "rate_dispersion", "site_head"))
     sampler_limitation = (
         "\n* The post-hoc heads were fitted on the network's first-step marginal: the numbers "
         "above hold for the sampler above. A many-step sampler adds their logit shift at "
         "every step and may draw another distribution (`benchmarks/sampler_steps.py`, with "
         "and without `--without-heads`); the node warns when a site sets another sampler."
-        if heads
+        if has_heads
         else ""
     )
     prior_inputs = (
