@@ -25,6 +25,8 @@
         --fidelity-only --patients 60 --samples 2 --few-samples 32 \
         --state var/bench/sampler-fidelity.json --budget-minutes 90 --out fidelity.json \
         [--without-heads]
+    # on two cores: two processes (OMP_NUM_THREADS=1), --shard 0/2 and --shard 1/2, each its
+    # own --state; then the line above with --merge-state <both shard states> writes the summary
 """
 
 from __future__ import annotations
@@ -135,19 +137,45 @@ class FidelityPlan:
     state: Path | None  # JSON of finished patients; a rerun resumes after them
     budget_s: float | None  # start no patient that would end past this
     identity: dict[str, str]  # model, cohort, selection: a state file must match them
+    # (k, n): this process takes patients i with i % n == k, so n processes (one core each,
+    # each with its own --state) share one selection; their seeds stay those of a single run.
+    shard: tuple[int, int] = (0, 1)
+    merge: tuple[Path, ...] = ()  # other processes' state files, finished patients taken over
 
 
-def _load_state(plan: FidelityPlan, header: dict[str, Any]) -> list[dict[str, Any]]:
-    if plan.state is None or not plan.state.exists():
-        return []
-    state = json.loads(plan.state.read_text())
+def _read_rows(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    state = json.loads(path.read_text())
     if state.get("header") != header:
         raise SystemExit(
-            f"{plan.state} was written for another run: {state.get('header')} != {header}; "
+            f"{path} was written for another run: {state.get('header')} != {header}; "
             "give another --state or delete it"
         )
     rows: list[dict[str, Any]] = state["rows"]
     return rows
+
+
+def _load_state(plan: FidelityPlan, header: dict[str, Any]) -> list[dict[str, Any]]:
+    """This run's finished patients: its own state, then those of the merged state files that
+    it does not have yet (each file must have been written for the same run)."""
+    rows = _read_rows(plan.state, header) if plan.state and plan.state.exists() else []
+    done = {r["patient"] for r in rows}
+    for other in plan.merge:
+        for row in _read_rows(other, header):
+            if row["patient"] not in done:
+                rows.append(row)
+                done.add(row["patient"])
+    return rows
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"k/n"`` → ``(k, n)`` with ``0 <= k < n``."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants k/n, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= k < n")
+    return k, n
 
 
 def _save_state(plan: FidelityPlan, header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -179,10 +207,15 @@ def sampler_fidelity(
         "ddpm_samples": str(plan.ddpm_samples),
     }
     rows = _load_state(plan, header)
+    if plan.merge:
+        _save_state(plan, header, rows)  # the merged state is the one to keep and resume
     done = {r["patient"] for r in rows}
     start = time.perf_counter()
     per_patient_s = 0.0
-    todo = [(i, e) for i, e in enumerate(examples) if e.patient_id not in done]
+    k, n_shards = plan.shard
+    todo = [
+        (i, e) for i, e in enumerate(examples) if e.patient_id not in done and i % n_shards == k
+    ]
     for n, (i, e) in enumerate(tqdm(todo, desc="sampler fidelity", unit="patient")):
         elapsed = time.perf_counter() - start
         if plan.budget_s is not None and rows and elapsed + per_patient_s > plan.budget_s:
@@ -300,6 +333,20 @@ def main() -> None:
         "--budget-minutes", type=float, default=None, help="start no patient past this"
     )
     parser.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=(0, 1),
+        metavar="K/N",
+        help="take patients i with i %% N == K (one process per core, each its own --state)",
+    )
+    parser.add_argument(
+        "--merge-state",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="take over the finished patients of these state files (other shards)",
+    )
+    parser.add_argument(
         "--fidelity-only", action="store_true", help="only the few-step vs DDPM comparison"
     )
     parser.add_argument(
@@ -341,6 +388,8 @@ def main() -> None:
             ddpm_samples=args.samples,
             state=args.state,
             budget_s=None if args.budget_minutes is None else 60.0 * args.budget_minutes,
+            shard=args.shard,
+            merge=tuple(args.merge_state),
             identity={
                 "model_sha256": sha256_of(model_path),
                 "cohort": str(args.cohort),

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
+
+from ms_forecast_node.forecast.config import SamplerConfig
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "forecast.py"
 
@@ -76,3 +82,73 @@ def test_state_resumes_and_refuses_another_run(bench: ModuleType, tmp_path: Path
     assert not (tmp_path / "state.tmp").exists()
     with pytest.raises(SystemExit, match="another run"):
         bench._load_state(plan, {**HEADER, "ddpm_samples": "4"})
+
+
+def _plan(bench: ModuleType, state: Path, **kw: Any) -> Any:
+    return bench.FidelityPlan(
+        few_samples=32, ddpm_samples=2, state=state, budget_s=None, identity={}, **kw
+    )
+
+
+def test_shard_is_parsed_and_checked(bench: ModuleType) -> None:
+    assert bench.parse_shard("1/2") == (1, 2)
+    for bad in ("2/2", "-1/2", "1", "a/b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_shard(bad)
+
+
+def test_merge_takes_over_other_shards_once_and_refuses_another_run(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    other = tmp_path / "shard1.json"
+    bench._save_state(_plan(bench, other), HEADER, [_row("p1", 0.0, 0.0), _row("p0", 1.0, 1.0)])
+    own = _plan(bench, tmp_path / "own.json", merge=(other, other))
+    bench._save_state(own, HEADER, [_row("p0", 0.0, 0.0)])
+    rows = bench._load_state(own, HEADER)
+    assert [r["patient"] for r in rows] == ["p0", "p1"]
+    assert rows[0]["dice_few_step"] == 0.3  # its own row of p0 wins over the other file's
+    bench._save_state(_plan(bench, other), {**HEADER, "ddpm_samples": "4"}, [_row("p2", 0, 0)])
+    with pytest.raises(SystemExit, match="another run"):
+        bench._load_state(own, HEADER)
+
+
+def test_shards_together_write_the_rows_of_one_run(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two shards split the patients and keep the seeds a single run gives them; merging their
+    states gives the single run's rows."""
+
+    def fake_sample_masks(model: Any, study: Any, therapies: Any, horizon: Any, cfg: Any) -> Any:
+        return np.full((1, cfg.samples, 2, 2, 2), cfg.seed % 7, dtype=bool), None
+
+    def fake_scores(masks: Any, target: Any, min_voxels: int) -> tuple[float, float, float]:
+        return float(masks.mean()), float(masks.sum()), float(masks.shape[0])
+
+    monkeypatch.setattr(bench, "sample_masks", fake_sample_masks)
+    monkeypatch.setattr(bench, "per_sample_scores", fake_scores)
+    model = SimpleNamespace(config=SimpleNamespace(timesteps=1000))
+    examples = [
+        SimpleNamespace(
+            patient_id=f"p{i}", study=None, therapy="placebo", horizon_weeks=48.0, target=None
+        )
+        for i in range(5)
+    ]
+    few = SamplerConfig(method="ancestral", steps=1)
+    ref = replace(few, method="ddpm")
+    cpu = torch.device("cpu")
+
+    def run(state: Path, shard: tuple[int, int], merge: tuple[Path, ...] = ()) -> Any:
+        plan = _plan(bench, state, shard=shard, merge=merge)
+        return bench.sampler_fidelity(model, examples, few, ref, plan, cpu)["per_patient"]
+
+    single = run(tmp_path / "single.json", (0, 1))
+    even = run(tmp_path / "even.json", (0, 2))
+    odd = run(tmp_path / "odd.json", (1, 2))
+    assert [r["patient"] for r in even] == ["p0", "p2", "p4"]
+    assert [r["patient"] for r in odd] == ["p1", "p3"]
+    merged = run(tmp_path / "even.json", (0, 1), merge=(tmp_path / "odd.json",))
+    key = lambda r: r["patient"]  # noqa: E731
+    strip = [{k: v for k, v in r.items() if not k.endswith("_per_sample")} for r in merged]
+    expect = [{k: v for k, v in r.items() if not k.endswith("_per_sample")} for r in single]
+    assert sorted(strip, key=key) == sorted(expect, key=key)
+    assert [r["seed"] for r in sorted(merged, key=key)] == [11 + 1000 * i for i in range(5)]
