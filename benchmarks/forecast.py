@@ -273,6 +273,10 @@ def fidelity_summary(
         _, lo, hi = ci[key]
         return bool(lo >= -FIDELITY_TOLERANCE and hi <= FIDELITY_TOLERANCE)
 
+    def covers_zero(key: str) -> bool:  # the weaker reading: no difference shows
+        _, lo, hi = ci[key]
+        return bool(lo <= 0.0 <= hi)
+
     return {
         **{
             k: header.get(k)
@@ -289,6 +293,8 @@ def fidelity_summary(
         "tolerance": FIDELITY_TOLERANCE,
         "dice_within_tolerance": within("dice"),
         "lesion_f1_within_tolerance": within("f1"),
+        "dice_ci_covers_zero": covers_zero("dice"),
+        "lesion_f1_ci_covers_zero": covers_zero("f1"),
         "per_patient": rows,
     }
 

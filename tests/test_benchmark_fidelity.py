@@ -65,6 +65,10 @@ def test_verdict_needs_both_intervals_inside_the_tolerance(bench: ModuleType) ->
     summary = bench.fidelity_summary(HEADER, off, "cpu")
     assert not summary["dice_within_tolerance"]
     assert summary["lesion_f1_within_tolerance"]
+    # The two readings differ: Dice's wide interval covers zero but leaves ±0.02; F1's delta
+    # is a steady +0.005, inside ±0.02 though its interval does not cover zero.
+    assert summary["dice_ci_covers_zero"]
+    assert not summary["lesion_f1_ci_covers_zero"]
 
 
 def test_state_resumes_and_refuses_another_run(bench: ModuleType, tmp_path: Path) -> None:
