@@ -26,7 +26,9 @@
         --state var/bench/sampler-fidelity.json --budget-minutes 90 --out fidelity.json \
         [--without-heads]
     # on two cores: two processes (OMP_NUM_THREADS=1), --shard 0/2 and --shard 1/2, each its
-    # own --state; then the line above with --merge-state <both shard states> writes the summary
+    # own --state and --merge-state <the states finished so far> (else a shard redoes their
+    # patients); then the line above with --merge-state <both shard states> --budget-minutes 0
+    # writes the summary of all finished patients
 """
 
 from __future__ import annotations
