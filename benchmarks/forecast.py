@@ -256,6 +256,8 @@ def sampler_fidelity(
         )
         _save_state(plan, header, rows)
         per_patient_s = few_s + ref_s
+    # In selection order, so shards merged give the summary of one run (bootstrap included).
+    rows.sort(key=lambda r: int(r["seed"]))
     return fidelity_summary(header, rows, machine(device))
 
 

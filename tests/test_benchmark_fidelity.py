@@ -151,6 +151,7 @@ def test_shards_together_write_the_rows_of_one_run(
     assert [r["patient"] for r in even] == ["p0", "p2", "p4"]
     assert [r["patient"] for r in odd] == ["p1", "p3"]
     merged = run(tmp_path / "even.json", (0, 1), merge=(tmp_path / "odd.json",))
+    assert [r["patient"] for r in merged] == [f"p{i}" for i in range(5)]
     key = lambda r: r["patient"]  # noqa: E731
     strip = [{k: v for k, v in r.items() if not k.endswith("_per_sample")} for r in merged]
     expect = [{k: v for k, v in r.items() if not k.endswith("_per_sample")} for r in single]
